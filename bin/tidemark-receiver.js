@@ -1,0 +1,3 @@
+#!/usr/bin/env node
+// Thin launcher: the TypeScript sources are compiled to dist/ by `npm ci` (the "prepare" script).
+import '../dist/receiver/cli.js';
