@@ -1,0 +1,331 @@
+// The receiver's catalog: one SQLite database (WAL, synchronous=FULL) that maps
+// chunks to pack files and records, per recovery point, which blocks changed.
+// Schema and invariants: docs/SPEC.md §5.
+import Database from 'better-sqlite3';
+import { createHash, randomBytes } from 'node:crypto';
+import { TidemarkError } from '../shared/errors.js';
+import type { PointInfo } from '../shared/protocol.js';
+
+export const CATALOG_VERSION = 1;
+
+const schema = `
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS token (
+  hash BLOB PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('enroll', 'restore')),
+  created_ms INTEGER NOT NULL, used_ms INTEGER, host_id INTEGER);
+CREATE TABLE IF NOT EXISTS host (
+  id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, vault_id TEXT NOT NULL,
+  credential_hash BLOB NOT NULL UNIQUE, enrolled_ms INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS disk (
+  id INTEGER PRIMARY KEY, host_id INTEGER NOT NULL REFERENCES host(id), name TEXT NOT NULL,
+  size_bytes INTEGER NOT NULL, sector_bytes INTEGER NOT NULL, block_bytes INTEGER NOT NULL,
+  UNIQUE (host_id, name));
+CREATE TABLE IF NOT EXISTS pack (
+  id INTEGER PRIMARY KEY, vault_id TEXT NOT NULL, file TEXT NOT NULL UNIQUE, size_bytes INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS chunk (
+  vault_id TEXT NOT NULL, id BLOB NOT NULL, pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+  PRIMARY KEY (vault_id, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS point (
+  id INTEGER PRIMARY KEY, host_id INTEGER NOT NULL REFERENCES host(id),
+  state TEXT NOT NULL CHECK (state IN ('open', 'committed')),
+  time_ms INTEGER, crash_consistent INTEGER, committed_ms INTEGER);
+CREATE INDEX IF NOT EXISTS point_by_host ON point (host_id, state, id);
+CREATE TABLE IF NOT EXISTS point_disk (
+  point_id INTEGER NOT NULL, disk_id INTEGER NOT NULL, size_bytes INTEGER NOT NULL,
+  changed_blocks INTEGER NOT NULL, changed_bytes INTEGER NOT NULL,
+  PRIMARY KEY (point_id, disk_id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS block_version (
+  disk_id INTEGER NOT NULL, block_index INTEGER NOT NULL, point_id INTEGER NOT NULL, chunk_id BLOB,
+  PRIMARY KEY (disk_id, block_index, point_id)) WITHOUT ROWID;
+-- Per-point access (commit counts, discarding an open point, retention) in O(blocks of that point).
+CREATE INDEX IF NOT EXISTS block_version_by_point ON block_version (point_id, disk_id);
+`;
+
+export type Principal =
+  | { role: 'agent'; hostId: number; host: string; vaultId: string }
+  | { role: 'restore' }
+  | { role: 'enroll'; tokenHash: Buffer };
+
+export interface ChunkLocation {
+  packId: number;
+  file: string;
+  offset: number;
+  length: number;
+}
+
+export interface NewChunk {
+  vaultId: string;
+  id: Buffer;
+  packId: number;
+  offset: number;
+  length: number;
+}
+
+export function hashSecret(secret: string): Buffer {
+  return createHash('sha256').update(secret).digest();
+}
+
+function newSecret(prefix: string): string {
+  return `${prefix}_${randomBytes(24).toString('base64url')}`;
+}
+
+export class Catalog {
+  readonly db: Database.Database;
+
+  private constructor(path: string) {
+    this.db = new Database(path);
+    this.db.pragma('journal_mode = WAL');
+    // FULL: a transaction that returned is on disk; a point acknowledged to the agent survives power loss.
+    this.db.pragma('synchronous = FULL');
+    this.db.pragma('foreign_keys = ON');
+    this.db.pragma('busy_timeout = 5000');
+  }
+
+  static open(path: string): Catalog {
+    const catalog = new Catalog(path);
+    catalog.db.exec(schema);
+    const version = catalog.db.prepare(`SELECT value FROM meta WHERE key = 'catalog_version'`).pluck().get() as string | undefined;
+    if (version === undefined) catalog.db.prepare(`INSERT INTO meta VALUES ('catalog_version', ?)`).run(String(CATALOG_VERSION));
+    else if (Number(version) !== CATALOG_VERSION) {
+      catalog.close();
+      throw new TidemarkError('E_STORAGE', `catalog ${path} has format version ${version}; this receiver reads version ${CATALOG_VERSION}`, { retryable: false });
+    }
+    return catalog;
+  }
+
+  close(): void {
+    if (this.db.open) this.db.close();
+  }
+
+  // --- tokens and principals ---------------------------------------------
+
+  createToken(kind: 'enroll' | 'restore'): string {
+    const token = newSecret(kind === 'enroll' ? 'tmenroll' : 'tmrestore');
+    this.db.prepare(`INSERT INTO token (hash, kind, created_ms) VALUES (?, ?, ?)`).run(hashSecret(token), kind, Date.now());
+    return token;
+  }
+
+  /** The principal an Authorization header names, or undefined when it names nobody. */
+  authenticate(scheme: 'Bearer' | 'Token', secret: string): Principal | undefined {
+    const hash = hashSecret(secret);
+    if (scheme === 'Token') {
+      const row = this.db.prepare(`SELECT kind, used_ms FROM token WHERE hash = ?`).get(hash) as { kind: string; used_ms: number | null } | undefined;
+      return row && row.kind === 'enroll' && row.used_ms === null ? { role: 'enroll', tokenHash: hash } : undefined;
+    }
+    const host = this.db.prepare(`SELECT id, name, vault_id FROM host WHERE credential_hash = ?`).get(hash) as { id: number; name: string; vault_id: string } | undefined;
+    if (host) return { role: 'agent', hostId: host.id, host: host.name, vaultId: host.vault_id };
+    const token = this.db.prepare(`SELECT kind FROM token WHERE hash = ? AND kind = 'restore'`).get(hash);
+    return token ? { role: 'restore' } : undefined;
+  }
+
+  /** Consumes the enrollment token and creates the host, atomically: a token works once. */
+  enrollHost(tokenHash: Buffer, name: string, vaultId: string): { hostId: number; credential: string } {
+    return this.db.transaction(() => {
+      const used = this.db.prepare(`UPDATE token SET used_ms = ? WHERE hash = ? AND kind = 'enroll' AND used_ms IS NULL`).run(Date.now(), tokenHash);
+      if (used.changes !== 1) throw new TidemarkError('E_AUTH', 'enrollment token already used; create a new one with tidemark-receiver token');
+      if (this.db.prepare(`SELECT 1 FROM host WHERE name = ?`).get(name)) {
+        throw new TidemarkError('E_CONFLICT', `a host named "${name}" is already enrolled; choose another --host name`);
+      }
+      const credential = newSecret('tmhost');
+      const hostId = Number(this.db.prepare(`INSERT INTO host (name, vault_id, credential_hash, enrolled_ms) VALUES (?, ?, ?, ?)`)
+        .run(name, vaultId, hashSecret(credential), Date.now()).lastInsertRowid);
+      this.db.prepare(`UPDATE token SET host_id = ? WHERE hash = ?`).run(hostId, tokenHash);
+      return { hostId, credential };
+    }).immediate();
+  }
+
+  // --- disks and points ---------------------------------------------------
+
+  registerDisk(hostId: number, name: string, sizeBytes: number, sectorBytes: number, blockBytes: number): { diskId: number; hasHistory: boolean } {
+    return this.db.transaction(() => {
+      const row = this.db.prepare(`SELECT id, block_bytes FROM disk WHERE host_id = ? AND name = ?`).get(hostId, name) as { id: number; block_bytes: number } | undefined;
+      if (!row) {
+        const diskId = Number(this.db.prepare(`INSERT INTO disk (host_id, name, size_bytes, sector_bytes, block_bytes) VALUES (?, ?, ?, ?, ?)`)
+          .run(hostId, name, sizeBytes, sectorBytes, blockBytes).lastInsertRowid);
+        return { diskId, hasHistory: false };
+      }
+      if (row.block_bytes !== blockBytes) {
+        throw new TidemarkError('E_CONFLICT', `disk ${name} was first synced with ${row.block_bytes}-byte blocks; the block size is fixed per disk (drop --block-size)`);
+      }
+      this.db.prepare(`UPDATE disk SET size_bytes = ?, sector_bytes = ? WHERE id = ?`).run(sizeBytes, sectorBytes, row.id);
+      const hasHistory = this.db.prepare(`SELECT 1 FROM block_version WHERE disk_id = ? LIMIT 1`).get(row.id) !== undefined;
+      return { diskId: row.id, hasHistory };
+    }).immediate();
+  }
+
+  disk(diskId: number): { id: number; hostId: number; name: string; sizeBytes: number; blockBytes: number } | undefined {
+    return this.db.prepare(`SELECT id, host_id AS hostId, name, size_bytes AS sizeBytes, block_bytes AS blockBytes FROM disk WHERE id = ?`).get(diskId) as
+      { id: number; hostId: number; name: string; sizeBytes: number; blockBytes: number } | undefined;
+  }
+
+  /**
+   * A host has at most one open point. `resume` continues it (an interrupted
+   * sync keeps what it staged); anything else discards it and opens a new one.
+   */
+  beginPoint(hostId: number, resume: number | null): { pointId: number; resumed: boolean } {
+    return this.db.transaction(() => {
+      const open = this.db.prepare(`SELECT id FROM point WHERE host_id = ? AND state = 'open'`).pluck().get(hostId) as number | undefined;
+      if (open !== undefined && open === resume) return { pointId: open, resumed: true };
+      if (open !== undefined) this.discardOpenPoint(open);
+      const pointId = Number(this.db.prepare(`INSERT INTO point (host_id, state) VALUES (?, 'open')`).run(hostId).lastInsertRowid);
+      return { pointId, resumed: false };
+    }).immediate();
+  }
+
+  private discardOpenPoint(pointId: number): void {
+    this.db.prepare(`DELETE FROM block_version WHERE point_id = ?`).run(pointId);
+    this.db.prepare(`DELETE FROM point WHERE id = ? AND state = 'open'`).run(pointId);
+  }
+
+  openPointOf(hostId: number, pointId: number): boolean {
+    return this.db.prepare(`SELECT 1 FROM point WHERE id = ? AND host_id = ? AND state = 'open'`).get(pointId, hostId) !== undefined;
+  }
+
+  /** Stages block versions into an open point; every referenced chunk must already be stored in the vault. */
+  stageBlocks(vaultId: string, pointId: number, diskId: number, blocks: number[], ids: Array<Buffer | null>): void {
+    const hasChunk = this.db.prepare(`SELECT 1 FROM chunk WHERE vault_id = ? AND id = ?`);
+    const upsert = this.db.prepare(`INSERT OR REPLACE INTO block_version (disk_id, block_index, point_id, chunk_id) VALUES (?, ?, ?, ?)`);
+    this.db.transaction(() => {
+      for (let i = 0; i < blocks.length; i++) {
+        const id = ids[i]!;
+        if (id !== null && !hasChunk.get(vaultId, id)) {
+          throw new TidemarkError('E_PROTOCOL', `block ${blocks[i]} references chunk ${id.toString('hex')} that is not stored; upload it first`);
+        }
+        upsert.run(diskId, blocks[i], pointId, id);
+      }
+    }).immediate();
+  }
+
+  commitPoint(hostId: number, pointId: number, timeMs: number, crashConsistent: boolean, disks: Array<{ diskId: number; changedBytes: number }>): void {
+    this.db.transaction(() => {
+      if (!this.openPointOf(hostId, pointId)) throw new TidemarkError('E_CONFLICT', `point ${pointId} is not open for this host (already committed or discarded)`);
+      const changed = this.db.prepare(`SELECT COUNT(*) FROM block_version WHERE disk_id = ? AND point_id = ?`).pluck();
+      const insert = this.db.prepare(`INSERT INTO point_disk (point_id, disk_id, size_bytes, changed_blocks, changed_bytes) VALUES (?, ?, ?, ?, ?)`);
+      for (const d of disks) {
+        const disk = this.disk(d.diskId);
+        if (!disk || disk.hostId !== hostId) throw new TidemarkError('E_FORBIDDEN', `disk ${d.diskId} does not belong to this host`);
+        insert.run(pointId, d.diskId, disk.sizeBytes, changed.get(d.diskId, pointId), d.changedBytes);
+      }
+      this.db.prepare(`UPDATE point SET state = 'committed', time_ms = ?, crash_consistent = ?, committed_ms = ? WHERE id = ?`)
+        .run(timeMs, crashConsistent ? 1 : 0, Date.now(), pointId);
+    }).immediate();
+  }
+
+  /** Committed points, oldest first, of the hosts a principal may read. */
+  listPoints(vaultId: string, hostName: string | null): PointInfo[] {
+    const points = this.db.prepare(`
+      SELECT p.id, h.name AS host, p.time_ms AS timeMs, p.committed_ms AS committedMs, p.crash_consistent AS cc
+      FROM point p JOIN host h ON h.id = p.host_id
+      WHERE p.state = 'committed' AND h.vault_id = ? AND (? IS NULL OR h.name = ?)
+      ORDER BY p.id`).all(vaultId, hostName, hostName) as Array<{ id: number; host: string; timeMs: number; committedMs: number; cc: number }>;
+    const disks = this.db.prepare(`
+      SELECT d.id AS diskId, d.name, pd.size_bytes AS sizeBytes, d.block_bytes AS blockBytes, pd.changed_bytes AS changedBytes
+      FROM point_disk pd JOIN disk d ON d.id = pd.disk_id WHERE pd.point_id = ? ORDER BY d.name`);
+    return points.map((p) => ({
+      id: p.id, host: p.host, timeMs: p.timeMs, committedMs: p.committedMs, crashConsistent: p.cc === 1,
+      disks: disks.all(p.id) as PointInfo['disks'],
+    }));
+  }
+
+  /** Host name and vault of a committed point, for authorization. */
+  pointOwner(pointId: number): { hostId: number; host: string; vaultId: string } | undefined {
+    return this.db.prepare(`
+      SELECT h.id AS hostId, h.name AS host, h.vault_id AS vaultId FROM point p JOIN host h ON h.id = p.host_id
+      WHERE p.id = ? AND p.state = 'committed'`).get(pointId) as { hostId: number; host: string; vaultId: string } | undefined;
+  }
+
+  /**
+   * The non-zero blocks of a disk as of a point: for each block, its newest
+   * version at or before the point. Open points of the host always have a
+   * larger id than its committed ones, so `point_id <= P` sees committed data only.
+   */
+  pointMap(pointId: number, diskId: number, fromBlock: number, limit: number): { blocks: number[]; ids: Buffer[]; next: number | null } {
+    const rows = this.db.prepare(`
+      SELECT block_index AS b, chunk_id AS id, MAX(point_id) FROM block_version
+      WHERE disk_id = ? AND block_index >= ? AND point_id <= ?
+      GROUP BY block_index ORDER BY block_index LIMIT ?`).all(diskId, fromBlock, pointId, limit + 1) as Array<{ b: number; id: Buffer | null }>;
+    const next = rows.length > limit ? rows[limit]!.b : null;
+    const blocks: number[] = [];
+    const ids: Buffer[] = [];
+    for (const row of rows.slice(0, limit)) {
+      if (row.id === null) continue;
+      blocks.push(row.b);
+      ids.push(row.id);
+    }
+    return { blocks, ids, next };
+  }
+
+  // --- chunks -------------------------------------------------------------
+
+  hasChunk(vaultId: string, id: Buffer): boolean {
+    return this.db.prepare(`SELECT 1 FROM chunk WHERE vault_id = ? AND id = ?`).get(vaultId, id) !== undefined;
+  }
+
+  chunkLocation(vaultId: string, id: Buffer): ChunkLocation | undefined {
+    return this.db.prepare(`
+      SELECT c.pack_id AS packId, p.file, c.offset, c.length FROM chunk c JOIN pack p ON p.id = c.pack_id
+      WHERE c.vault_id = ? AND c.id = ?`).get(vaultId, id) as ChunkLocation | undefined;
+  }
+
+  createPack(vaultId: string, file: string): number {
+    return Number(this.db.prepare(`INSERT INTO pack (vault_id, file, size_bytes) VALUES (?, ?, 0)`).run(vaultId, file).lastInsertRowid);
+  }
+
+  /** Records chunks whose pack data is already fsynced (the commit-ordering rule, SPEC §5). */
+  insertChunks(chunks: NewChunk[], packSizes: Map<number, number>): void {
+    const insert = this.db.prepare(`INSERT OR IGNORE INTO chunk (vault_id, id, pack_id, offset, length) VALUES (?, ?, ?, ?, ?)`);
+    const size = this.db.prepare(`UPDATE pack SET size_bytes = ? WHERE id = ?`);
+    this.db.transaction(() => {
+      for (const c of chunks) insert.run(c.vaultId, c.id, c.packId, c.offset, c.length);
+      for (const [packId, bytes] of packSizes) size.run(bytes, packId);
+    }).immediate();
+  }
+
+  // --- status -------------------------------------------------------------
+
+  status(): ReceiverStatus {
+    const hosts = this.db.prepare(`SELECT id, name, vault_id AS vaultId, enrolled_ms AS enrolledMs FROM host ORDER BY name`).all() as
+      Array<{ id: number; name: string; vaultId: string; enrolledMs: number }>;
+    const lastPoint = this.db.prepare(`SELECT id, time_ms AS timeMs, crash_consistent AS cc FROM point WHERE host_id = ? AND state = 'committed' ORDER BY id DESC LIMIT 1`);
+    const pointCount = this.db.prepare(`SELECT COUNT(*) FROM point WHERE host_id = ? AND state = 'committed'`).pluck();
+    const openPoint = this.db.prepare(`SELECT id FROM point WHERE host_id = ? AND state = 'open'`).pluck();
+    const disks = this.db.prepare(`SELECT name, size_bytes AS sizeBytes, block_bytes AS blockBytes FROM disk WHERE host_id = ? ORDER BY name`);
+    const now = Date.now();
+    const stored = this.db.prepare(`SELECT COUNT(*) AS chunks, COALESCE(SUM(length), 0) AS bytes FROM chunk`).get() as { chunks: number; bytes: number };
+    const packBytes = this.db.prepare(`SELECT COALESCE(SUM(size_bytes), 0) FROM pack`).pluck().get() as number;
+    return {
+      hosts: hosts.map((h) => {
+        const last = lastPoint.get(h.id) as { id: number; timeMs: number; cc: number } | undefined;
+        return {
+          name: h.name,
+          vaultId: h.vaultId,
+          enrolledAt: new Date(h.enrolledMs).toISOString(),
+          state: openPoint.get(h.id) !== undefined ? 'Syncing' : last ? 'Idle' : 'Enrolled',
+          points: pointCount.get(h.id) as number,
+          lastPoint: last ? { id: last.id, time: new Date(last.timeMs).toISOString(), crashConsistent: last.cc === 1 } : null,
+          lagSeconds: last ? Math.max(0, (now - last.timeMs) / 1000) : null,
+          disks: disks.all(h.id) as Array<{ name: string; sizeBytes: number; blockBytes: number }>,
+        };
+      }),
+      storedChunks: stored.chunks,
+      storedChunkBytes: stored.bytes,
+      packBytes,
+    };
+  }
+}
+
+export interface ReceiverStatus {
+  hosts: Array<{
+    name: string;
+    vaultId: string;
+    enrolledAt: string;
+    state: string;
+    points: number;
+    lastPoint: { id: number; time: string; crashConsistent: boolean } | null;
+    lagSeconds: number | null;
+    disks: Array<{ name: string; sizeBytes: number; blockBytes: number }>;
+  }>;
+  storedChunks: number;
+  storedChunkBytes: number;
+  packBytes: number;
+}

@@ -1,0 +1,183 @@
+// Chunk storage: append-only pack files with group commit (docs/SPEC.md §4.2).
+//
+// put() resolves only after the pack data is fsynced *and* the catalog row
+// that locates it is committed, so an acknowledged chunk survives any crash.
+// Concurrent puts are batched: one writev + one fsync + one catalog
+// transaction per batch.
+import { mkdirSync, openSync, closeSync, fsyncSync, writevSync, readSync, ftruncateSync, writeSync } from 'node:fs';
+import { join, dirname } from 'node:path';
+import { xxh3 } from '@node-rs/xxhash';
+import { TidemarkError, asTidemarkError } from '../shared/errors.js';
+import { fsyncDir } from '../shared/fs-util.js';
+import type { Catalog, NewChunk } from './catalog.js';
+
+export const PACK_MAGIC = Buffer.from('TMPK');
+export const PACK_VERSION = 1;
+export const PACK_HEADER_BYTES = 8; // magic 4 | version 1 | reserved 3
+export const ENTRY_MAGIC = Buffer.from('TMPE');
+export const ENTRY_HEADER_BYTES = 56; // magic 4 | length u32 | chunk id 32 | xxh3-128 of envelope 16
+const PACK_TARGET_BYTES = 64 * 1024 * 1024;
+
+/** What the receiver needs from chunk storage; a second backend (object storage) implements the same. */
+export interface ChunkStore {
+  /** Stores a chunk durably; false when the vault already had it. */
+  put(vaultId: string, id: Buffer, envelope: Buffer): Promise<boolean>;
+  /** Reads a chunk and checks its checksum; E_INTEGRITY when damaged. */
+  get(vaultId: string, id: Buffer): Promise<Buffer>;
+  close(): Promise<void>;
+}
+
+export function envelopeChecksum(envelope: Buffer): Buffer {
+  const sum = xxh3.xxh128(envelope);
+  const out = Buffer.alloc(16);
+  out.writeBigUInt64BE(sum >> 64n, 0);
+  out.writeBigUInt64BE(sum & 0xffffffffffffffffn, 8);
+  return out;
+}
+
+export function encodeEntryHeader(id: Buffer, envelope: Buffer): Buffer {
+  const header = Buffer.alloc(ENTRY_HEADER_BYTES);
+  ENTRY_MAGIC.copy(header, 0);
+  header.writeUInt32BE(envelope.length, 4);
+  id.copy(header, 8);
+  envelopeChecksum(envelope).copy(header, 40);
+  return header;
+}
+
+interface QueuedPut {
+  vaultId: string;
+  id: Buffer;
+  envelope: Buffer;
+  done: Promise<boolean>;
+  resolve: (stored: boolean) => void;
+  reject: (err: Error) => void;
+}
+
+interface OpenPack {
+  packId: number;
+  fd: number;
+  sizeBytes: number;
+}
+
+export class LocalPackStore implements ChunkStore {
+  private queue: QueuedPut[] = [];
+  private readonly queuedById = new Map<string, QueuedPut>();
+  private flushing: Promise<void> | null = null;
+  private readonly openPacks = new Map<string, OpenPack>();
+  private closed = false;
+
+  constructor(
+    private readonly packDir: string,
+    private readonly catalog: Catalog,
+  ) {
+    mkdirSync(packDir, { recursive: true });
+  }
+
+  put(vaultId: string, id: Buffer, envelope: Buffer): Promise<boolean> {
+    if (this.closed) return Promise.reject(new TidemarkError('E_STATE', 'chunk store is closed'));
+    const key = `${vaultId}:${id.toString('hex')}`;
+    const queued = this.queuedById.get(key);
+    if (queued) return queued.done.then(() => false);
+    if (this.catalog.hasChunk(vaultId, id)) return Promise.resolve(false);
+    let resolve!: (v: boolean) => void;
+    let reject!: (e: Error) => void;
+    const done = new Promise<boolean>((res, rej) => ((resolve = res), (reject = rej)));
+    const put = { vaultId, id, envelope, done, resolve, reject };
+    this.queue.push(put);
+    this.queuedById.set(key, put);
+    this.scheduleFlush();
+    return done;
+  }
+
+  async get(vaultId: string, id: Buffer): Promise<Buffer> {
+    const loc = this.catalog.chunkLocation(vaultId, id);
+    if (!loc) throw new TidemarkError('E_NOT_FOUND', `chunk ${id.toString('hex')} is not stored in this vault`);
+    const fd = openSync(join(this.packDir, loc.file), 'r');
+    try {
+      const entry = Buffer.alloc(ENTRY_HEADER_BYTES + loc.length);
+      const read = readSync(fd, entry, 0, entry.length, loc.offset);
+      const envelope = entry.subarray(ENTRY_HEADER_BYTES);
+      const damaged = read !== entry.length || !entry.subarray(0, ENTRY_HEADER_BYTES).equals(encodeEntryHeader(id, envelope));
+      if (damaged) {
+        throw new TidemarkError('E_INTEGRITY', `chunk ${id.toString('hex')} in pack ${loc.file} at offset ${loc.offset} is damaged (checksum mismatch); run tidemark-receiver verify`);
+      }
+      return envelope;
+    } finally {
+      closeSync(fd);
+    }
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+    while (this.flushing) await this.flushing;
+    for (const pack of this.openPacks.values()) closeSync(pack.fd);
+    this.openPacks.clear();
+  }
+
+  private scheduleFlush(): void {
+    if (this.flushing) return;
+    this.flushing = new Promise<void>((resolve) => setImmediate(resolve)).then(async () => {
+      while (this.queue.length > 0) this.flushBatch(this.queue.splice(0));
+      this.flushing = null;
+    });
+  }
+
+  /** One batch: append every entry, fsync each pack touched, then one catalog transaction. */
+  private flushBatch(batch: QueuedPut[]): void {
+    const rows: NewChunk[] = [];
+    const packSizes = new Map<number, number>();
+    const touched = new Map<string, { pack: OpenPack; goodSize: number }>();
+    try {
+      for (const put of batch) {
+        const pack = this.packFor(put.vaultId);
+        if (!touched.has(put.vaultId)) touched.set(put.vaultId, { pack, goodSize: pack.sizeBytes });
+        const header = encodeEntryHeader(put.id, put.envelope);
+        writevSync(pack.fd, [header, put.envelope], pack.sizeBytes);
+        rows.push({ vaultId: put.vaultId, id: put.id, packId: pack.packId, offset: pack.sizeBytes, length: put.envelope.length });
+        pack.sizeBytes += header.length + put.envelope.length;
+        packSizes.set(pack.packId, pack.sizeBytes);
+      }
+      for (const { pack } of touched.values()) fsyncSync(pack.fd);
+      this.catalog.insertChunks(rows, packSizes);
+      for (const [vaultId, { pack }] of touched) if (pack.sizeBytes >= PACK_TARGET_BYTES) this.sealPack(vaultId, pack);
+      for (const put of batch) put.resolve(true);
+    } catch (err) {
+      // A pack that failed once is not written again: cut it back to its last good size and start a new one.
+      for (const [vaultId, { pack, goodSize }] of touched) {
+        try {
+          ftruncateSync(pack.fd, goodSize);
+        } catch {
+          /* the catalog never referenced the bytes past goodSize */
+        }
+        this.sealPack(vaultId, pack);
+      }
+      const error = asTidemarkError(err);
+      for (const put of batch) put.reject(error);
+    } finally {
+      for (const put of batch) this.queuedById.delete(`${put.vaultId}:${put.id.toString('hex')}`);
+    }
+  }
+
+  private packFor(vaultId: string): OpenPack {
+    const open = this.openPacks.get(vaultId);
+    if (open) return open;
+    const file = join(vaultId, `${Date.now().toString(36)}-${process.pid}-${Math.random().toString(36).slice(2, 8)}.pack`);
+    const path = join(this.packDir, file);
+    mkdirSync(dirname(path), { recursive: true });
+    const fd = openSync(path, 'wx', 0o600);
+    const header = Buffer.alloc(PACK_HEADER_BYTES);
+    PACK_MAGIC.copy(header, 0);
+    header[4] = PACK_VERSION;
+    writeSync(fd, header, 0, header.length, 0);
+    fsyncSync(fd);
+    fsyncDir(dirname(path));
+    const pack = { packId: this.catalog.createPack(vaultId, file), fd, sizeBytes: PACK_HEADER_BYTES };
+    this.openPacks.set(vaultId, pack);
+    return pack;
+  }
+
+  private sealPack(vaultId: string, pack: OpenPack): void {
+    if (this.openPacks.get(vaultId) === pack) this.openPacks.delete(vaultId);
+    closeSync(pack.fd);
+  }
+}

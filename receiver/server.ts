@@ -1,0 +1,113 @@
+// The receiver's network face: HTTPS with the receiver's own certificate,
+// authentication on the HTTP upgrade (before any WebSocket exists), then one
+// Session per connection. Heartbeats find half-open links.
+import { createServer, type Server } from 'node:https';
+import type { IncomingMessage } from 'node:http';
+import type { Duplex } from 'node:stream';
+import type { AddressInfo } from 'node:net';
+import { WebSocketServer, type WebSocket } from 'ws';
+import type { Logger } from '../shared/log.js';
+import { ENROLL_PATH, MAX_FRAME_BYTES, PROTOCOL_HEADER, PROTOCOL_VERSION, SESSION_PATH } from '../shared/protocol.js';
+import { Catalog, type Principal } from './catalog.js';
+import type { DataDir } from './data-dir.js';
+import { LocalPackStore } from './pack-store.js';
+import { Session } from './session.js';
+
+const HEARTBEAT_MS = 15_000;
+const MAX_CONNECTIONS = 256;
+
+export class ReceiverServer {
+  private readonly alive = new WeakSet<WebSocket>();
+  private heartbeat: NodeJS.Timeout | null = null;
+
+  private constructor(
+    private readonly https: Server,
+    private readonly wss: WebSocketServer,
+    private readonly catalog: Catalog,
+    private readonly store: LocalPackStore,
+    private readonly log: Logger,
+  ) {}
+
+  static async start(dataDir: DataDir, host: string, port: number, log: Logger): Promise<ReceiverServer> {
+    const catalog = Catalog.open(dataDir.catalogPath);
+    const store = new LocalPackStore(dataDir.packDir, catalog);
+    const https = createServer({ key: dataDir.keyPem, cert: dataDir.certPem, minVersion: 'TLSv1.2' }, (_req, res) => {
+      res.writeHead(404, { 'content-type': 'text/plain' }).end('tidemark receiver: connect with a WebSocket\n');
+    });
+    https.headersTimeout = 10_000;
+    https.requestTimeout = 10_000;
+    const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: MAX_FRAME_BYTES });
+    const server = new ReceiverServer(https, wss, catalog, store, log);
+    https.on('upgrade', (req, socket, head) => server.onUpgrade(req, socket, head));
+    https.on('tlsClientError', (err) => log.debug({ err: err.message }, 'TLS handshake failed'));
+    await new Promise<void>((resolve, reject) => {
+      https.once('error', reject);
+      https.listen(port, host, () => resolve());
+    });
+    server.heartbeat = setInterval(() => server.beat(), HEARTBEAT_MS);
+    return server;
+  }
+
+  address(): AddressInfo {
+    return this.https.address() as AddressInfo;
+  }
+
+  async close(): Promise<void> {
+    if (this.heartbeat) clearInterval(this.heartbeat);
+    for (const ws of this.wss.clients) ws.close(1001, 'receiver shutting down');
+    await new Promise<void>((resolve) => this.https.close(() => resolve()));
+    this.https.closeAllConnections();
+    await this.store.close();
+    this.catalog.close();
+  }
+
+  private onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
+    socket.on('error', () => socket.destroy());
+    const path = new URL(req.url ?? '/', 'https://receiver').pathname;
+    if (path !== ENROLL_PATH && path !== SESSION_PATH) return refuse(socket, 404, `unknown path ${path}`);
+    if (req.headers[PROTOCOL_HEADER] !== String(PROTOCOL_VERSION)) {
+      return refuse(socket, 426, `unsupported protocol version ${String(req.headers[PROTOCOL_HEADER])}; this receiver speaks ${PROTOCOL_VERSION}: upgrade the client`);
+    }
+    if (this.wss.clients.size >= MAX_CONNECTIONS) return refuse(socket, 503, 'receiver has too many connections; retry later');
+    const principal = this.authenticate(path, req.headers.authorization);
+    if (!principal) {
+      const message = path === ENROLL_PATH
+        ? 'enrollment token unknown or already used; create a new one with tidemark-receiver token'
+        : 'credential not recognized by this receiver; enroll the host again or use a valid restore token';
+      this.log.warn({ path, remote: req.socket.remoteAddress }, 'authentication refused');
+      return refuse(socket, 401, message);
+    }
+    this.wss.handleUpgrade(req, socket, head, (ws) => {
+      this.alive.add(ws);
+      ws.on('pong', () => this.alive.add(ws));
+      ws.on('error', (err) => this.log.debug({ err: err.message }, 'connection error'));
+      new Session(ws, principal, { catalog: this.catalog, store: this.store, log: this.log });
+    });
+  }
+
+  private authenticate(path: string, header: string | undefined): Principal | undefined {
+    const match = /^(Bearer|Token) (\S{1,200})$/.exec(header ?? '');
+    if (!match) return undefined;
+    const scheme = match[1] as 'Bearer' | 'Token';
+    if ((path === ENROLL_PATH) !== (scheme === 'Token')) return undefined;
+    return this.catalog.authenticate(scheme, match[2]!);
+  }
+
+  private beat(): void {
+    for (const ws of this.wss.clients) {
+      if (!this.alive.has(ws)) {
+        ws.terminate();
+        continue;
+      }
+      this.alive.delete(ws);
+      ws.ping();
+    }
+  }
+}
+
+const statusText: Record<number, string> = { 401: 'Unauthorized', 404: 'Not Found', 426: 'Upgrade Required', 503: 'Service Unavailable' };
+
+function refuse(socket: Duplex, status: number, message: string): void {
+  const body = `${message}\n`;
+  socket.end(`HTTP/1.1 ${status} ${statusText[status]}\r\nContent-Type: text/plain\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+}

@@ -1,0 +1,154 @@
+// One authenticated WebSocket connection: validates each request, checks that
+// the principal may make it, and answers. The receiver distrusts the agent:
+// sizes and shapes are checked before use, chunks referenced by a point must
+// be stored in the caller's vault, and a point becomes visible only on an
+// explicit, checked commit.
+import type WebSocket from 'ws';
+import { checkEnvelopeShape } from '../shared/chunk-crypto.js';
+import { TidemarkError, asTidemarkError } from '../shared/errors.js';
+import type { Logger } from '../shared/log.js';
+import { MAX_BLOCK_BYTES, decodeRequest, errorFrame, okFrame, peekRid, type Request } from '../shared/protocol.js';
+import type { Catalog, Principal } from './catalog.js';
+import type { ChunkStore } from './pack-store.js';
+
+const MAX_IN_FLIGHT = 64;
+
+export interface SessionContext {
+  catalog: Catalog;
+  store: ChunkStore;
+  log: Logger;
+}
+
+export class Session {
+  private vaultId: string | null = null;
+  private inFlight = 0;
+  private paused = false;
+
+  constructor(
+    private readonly ws: WebSocket,
+    private readonly principal: Principal,
+    private readonly ctx: SessionContext,
+  ) {
+    ws.on('message', (data: Buffer, isBinary: boolean) => this.onFrame(data, isBinary));
+  }
+
+  private onFrame(data: Buffer, isBinary: boolean): void {
+    if (!isBinary) return this.fatal(new TidemarkError('E_PROTOCOL', 'text frames are not part of the protocol'), 1003);
+    let request: Request;
+    try {
+      request = decodeRequest(data);
+    } catch (err) {
+      // A frame we cannot understand ends the session: the peer is out of step with us.
+      return this.fatal(asTidemarkError(err), 1002, peekRid(data));
+    }
+    this.inFlight++;
+    if (this.inFlight >= MAX_IN_FLIGHT && !this.paused) {
+      this.paused = true;
+      this.ws.pause();
+    }
+    this.handle(request)
+      .then((body) => this.send(okFrame(request.rid, body)))
+      .catch((err) => {
+        const error = asTidemarkError(err);
+        if (error.code === 'E_INTERNAL' || error.code === 'E_STORAGE') this.ctx.log.error({ err, type: request.t }, 'request failed');
+        this.send(errorFrame(request.rid, error));
+      })
+      .finally(() => {
+        this.inFlight--;
+        if (this.paused && this.inFlight < MAX_IN_FLIGHT / 2) {
+          this.paused = false;
+          this.ws.resume();
+        }
+      });
+  }
+
+  private send(frame: Buffer): void {
+    if (this.ws.readyState === this.ws.OPEN) this.ws.send(frame, { binary: true });
+  }
+
+  private fatal(err: TidemarkError, closeCode: number, rid: number | null = null): void {
+    this.ctx.log.warn({ code: err.code, reason: err.message }, 'closing session on protocol error');
+    this.send(errorFrame(rid, err));
+    this.ws.close(closeCode, err.message.slice(0, 120));
+  }
+
+  private async handle(req: Request): Promise<object> {
+    const p = this.principal;
+    if (req.t === 'enroll') {
+      if (p.role !== 'enroll') throw new TidemarkError('E_FORBIDDEN', 'enroll needs an enrollment token');
+      const enrolled = this.ctx.catalog.enrollHost(p.tokenHash, req.host, req.vaultId);
+      this.ctx.log.info({ host: req.host, vaultId: req.vaultId }, 'host enrolled');
+      setImmediate(() => this.ws.close(1000));
+      return enrolled;
+    }
+    if (p.role === 'enroll') throw new TidemarkError('E_FORBIDDEN', 'an enrollment token can only enroll');
+    if (req.t === 'hello') return this.hello(p, req.vaultId);
+    const vaultId = this.vaultId;
+    if (vaultId === null) throw new TidemarkError('E_PROTOCOL', `${req.t} before hello`);
+
+    switch (req.t) {
+      case 'points.list': {
+        if (p.role === 'agent' && req.host !== null && req.host !== p.host) throw this.otherHost(req.host);
+        return { points: this.ctx.catalog.listPoints(vaultId, p.role === 'agent' ? p.host : req.host) };
+      }
+      case 'point.map': {
+        this.readablePoint(p, vaultId, req.pointId);
+        const disk = this.ctx.catalog.disk(req.diskId);
+        const owner = this.ctx.catalog.pointOwner(req.pointId)!;
+        if (!disk || disk.hostId !== owner.hostId) throw new TidemarkError('E_NOT_FOUND', `disk ${req.diskId} is not part of point ${req.pointId}`);
+        return this.ctx.catalog.pointMap(req.pointId, req.diskId, req.fromBlock, req.limit);
+      }
+      case 'chunk.get':
+        return { data: await this.ctx.store.get(vaultId, req.id) };
+    }
+
+    if (p.role !== 'agent') throw new TidemarkError('E_FORBIDDEN', `${req.t}: restore credentials are read-only`);
+    switch (req.t) {
+      case 'disk.register':
+        return this.ctx.catalog.registerDisk(p.hostId, req.name, req.sizeBytes, req.sectorBytes, req.blockBytes);
+      case 'point.begin':
+        return this.ctx.catalog.beginPoint(p.hostId, req.resume);
+      case 'chunks.query':
+        return { missing: req.ids.flatMap((id, i) => (this.ctx.catalog.hasChunk(vaultId, id) ? [] : [i])) };
+      case 'chunk.put':
+        checkEnvelopeShape(req.data, MAX_BLOCK_BYTES);
+        return { stored: await this.ctx.store.put(vaultId, req.id, req.data) };
+      case 'blocks.put': {
+        if (!this.ctx.catalog.openPointOf(p.hostId, req.pointId)) throw new TidemarkError('E_CONFLICT', `point ${req.pointId} is not open for this host`);
+        const disk = this.ctx.catalog.disk(req.diskId);
+        if (!disk || disk.hostId !== p.hostId) throw new TidemarkError('E_FORBIDDEN', `disk ${req.diskId} does not belong to this host`);
+        const blockCount = Math.ceil(disk.sizeBytes / disk.blockBytes);
+        const outside = req.blocks.find((b) => b >= blockCount);
+        if (outside !== undefined) throw new TidemarkError('E_PROTOCOL', `block ${outside} is past the end of disk ${disk.name} (${blockCount} blocks)`);
+        this.ctx.catalog.stageBlocks(vaultId, req.pointId, req.diskId, req.blocks, req.ids);
+        return { staged: req.blocks.length };
+      }
+      case 'point.commit': {
+        const skewMs = req.timeMs - Date.now();
+        if (skewMs > 5 * 60_000) throw new TidemarkError('E_PROTOCOL', `point time is ${Math.round(skewMs / 1000)} s in the receiver's future; fix the agent's clock`);
+        this.ctx.catalog.commitPoint(p.hostId, req.pointId, req.timeMs, req.crashConsistent, req.disks);
+        this.ctx.log.info({ host: p.host, pointId: req.pointId, crashConsistent: req.crashConsistent }, 'point committed');
+        return { pointId: req.pointId };
+      }
+    }
+    throw new TidemarkError('E_PROTOCOL', `unexpected message ${(req as Request).t}`);
+  }
+
+  private hello(p: Exclude<Principal, { role: 'enroll' }>, vaultId: string): object {
+    if (p.role === 'agent' && p.vaultId !== vaultId) {
+      throw new TidemarkError('E_FORBIDDEN', `host ${p.host} was enrolled with another key file (vault ${p.vaultId}); use that key file`);
+    }
+    this.vaultId = vaultId;
+    return { role: p.role, host: p.role === 'agent' ? p.host : null };
+  }
+
+  private readablePoint(p: Exclude<Principal, { role: 'enroll' }>, vaultId: string, pointId: number): void {
+    const owner = this.ctx.catalog.pointOwner(pointId);
+    const allowed = owner && owner.vaultId === vaultId && (p.role === 'restore' || owner.hostId === p.hostId);
+    if (!allowed) throw new TidemarkError('E_NOT_FOUND', `no point ${pointId} that this credential may read`);
+  }
+
+  private otherHost(host: string): TidemarkError {
+    return new TidemarkError('E_FORBIDDEN', `this credential may read only its own host's points, not ${host}'s; use a restore token`);
+  }
+}

@@ -1,0 +1,83 @@
+// Chunk identity and the chunk envelope (docs/SPEC.md §4).
+//
+// id       = HMAC-SHA256(idKey, plaintext): the receiver cannot confirm guesses.
+// envelope = header(36) | AES-256-GCM(chunkKey, lz4-or-raw(plaintext)) | tag(16)
+// chunkKey = HKDF-SHA256(encRoot, salt = per-chunk random 16 bytes): every key
+//            seals exactly one message, so no key nears the GCM 2^32 bound.
+import { createCipheriv, createDecipheriv, createHmac, hkdfSync, randomBytes } from 'node:crypto';
+import { compressSync, uncompressSync } from 'lz4-napi';
+import { TidemarkError } from './errors.js';
+
+export const CHUNK_MAGIC = Buffer.from('TMCH');
+export const CHUNK_VERSION = 1;
+export const CHUNK_HEADER_BYTES = 36; // magic 4 | version 1 | flags 1 | reserved 2 | salt 16 | nonce 12
+export const CHUNK_TAG_BYTES = 16;
+export const CHUNK_OVERHEAD_BYTES = CHUNK_HEADER_BYTES + CHUNK_TAG_BYTES;
+export const CHUNK_ID_BYTES = 32;
+const FLAG_LZ4 = 0x01;
+
+export class VaultKeys {
+  private constructor(
+    readonly idKey: Buffer,
+    readonly encRoot: Buffer,
+    /** Public, stable name of the vault: hosts with the same key file share it. */
+    readonly vaultId: string,
+  ) {}
+
+  static fromMaster(master: Buffer): VaultKeys {
+    const derive = (info: string, bytes = 32) => Buffer.from(hkdfSync('sha256', master, Buffer.alloc(0), info, bytes));
+    return new VaultKeys(derive('tidemark chunk-id v1'), derive('tidemark chunk-enc v1'), derive('tidemark vault-id v1', 16).toString('hex'));
+  }
+}
+
+export function chunkId(keys: VaultKeys, plaintext: Buffer): Buffer {
+  return createHmac('sha256', keys.idKey).update(plaintext).digest();
+}
+
+function chunkKey(keys: VaultKeys, salt: Buffer): Buffer {
+  return Buffer.from(hkdfSync('sha256', keys.encRoot, salt, 'tidemark chunk v1', 32));
+}
+
+export function sealChunk(keys: VaultKeys, id: Buffer, plaintext: Buffer): Buffer {
+  const compressed = compressSync(plaintext);
+  const useLz4 = compressed.length < plaintext.length;
+  const body = useLz4 ? compressed : plaintext;
+  const header = Buffer.alloc(CHUNK_HEADER_BYTES);
+  CHUNK_MAGIC.copy(header, 0);
+  header[4] = CHUNK_VERSION;
+  header[5] = useLz4 ? FLAG_LZ4 : 0;
+  randomBytes(28).copy(header, 8); // salt 16 + nonce 12
+  const cipher = createCipheriv('aes-256-gcm', chunkKey(keys, header.subarray(8, 24)), header.subarray(24, 36));
+  cipher.setAAD(Buffer.concat([header, id]));
+  return Buffer.concat([header, cipher.update(body), cipher.final(), cipher.getAuthTag()]);
+}
+
+/** Decrypts and checks both the GCM tag and that the plaintext's MAC is the id asked for. */
+export function openChunk(keys: VaultKeys, id: Buffer, envelope: Buffer, maxPlaintextBytes: number): Buffer {
+  checkEnvelopeShape(envelope, maxPlaintextBytes);
+  const header = envelope.subarray(0, CHUNK_HEADER_BYTES);
+  const decipher = createDecipheriv('aes-256-gcm', chunkKey(keys, header.subarray(8, 24)), header.subarray(24, 36));
+  decipher.setAAD(Buffer.concat([header, id]));
+  decipher.setAuthTag(envelope.subarray(envelope.length - CHUNK_TAG_BYTES));
+  let body: Buffer;
+  try {
+    body = Buffer.concat([decipher.update(envelope.subarray(CHUNK_HEADER_BYTES, envelope.length - CHUNK_TAG_BYTES)), decipher.final()]);
+  } catch {
+    throw new TidemarkError('E_INTEGRITY', `chunk ${id.toString('hex')} failed authentication (damaged, swapped or sealed with another key)`);
+  }
+  const plaintext = header[5]! & FLAG_LZ4 ? uncompressSync(body) : body;
+  if (plaintext.length > maxPlaintextBytes || !chunkId(keys, plaintext).equals(id)) {
+    throw new TidemarkError('E_INTEGRITY', `chunk ${id.toString('hex')} does not match its id`);
+  }
+  return plaintext;
+}
+
+/** What the receiver can check without the key: magic, version, size bounds. */
+export function checkEnvelopeShape(envelope: Buffer, maxPlaintextBytes: number): void {
+  if (envelope.length < CHUNK_OVERHEAD_BYTES || envelope.length > maxPlaintextBytes + CHUNK_OVERHEAD_BYTES) {
+    throw new TidemarkError('E_PROTOCOL', `chunk envelope of ${envelope.length} bytes is outside the legal size`);
+  }
+  if (!envelope.subarray(0, 4).equals(CHUNK_MAGIC) || envelope[4] !== CHUNK_VERSION) {
+    throw new TidemarkError('E_PROTOCOL', 'chunk envelope has an unknown magic or version');
+  }
+}

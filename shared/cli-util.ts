@@ -1,0 +1,60 @@
+// What the three executables share: error → one line + exit code, secrets
+// from the environment or a file (never argv), JSON output.
+import { readFileSync } from 'node:fs';
+import { Command, CommanderError, Option } from 'commander';
+import { TidemarkError, asTidemarkError } from './errors.js';
+
+export async function runCli(program: Command, argv = process.argv): Promise<void> {
+  program.exitOverride();
+  program.configureOutput({ writeErr: (s) => process.stderr.write(s.startsWith('error:') ? '' : s) });
+  try {
+    await program.parseAsync(argv);
+  } catch (err) {
+    if (err instanceof CommanderError) {
+      if (err.exitCode === 0) return; // --help, --version
+      process.stderr.write(`${program.name()}: ${err.message.replace(/^error: /, '')} (see --help)\n`);
+      process.exitCode = 2;
+      return;
+    }
+    const error = asTidemarkError(err);
+    process.stderr.write(`${program.name()}: ${error.message}\n`);
+    if (error.code === 'E_INTERNAL' && process.env.TIDEMARK_DEBUG) process.stderr.write(`${(err as Error).stack}\n`);
+    process.exitCode = error.exitCode;
+  }
+}
+
+export function printJson(value: unknown): void {
+  process.stdout.write(JSON.stringify(value, null, 2) + '\n');
+}
+
+export const passphraseFileOption = () => new Option('--passphrase-file <file>', 'file holding the key passphrase (else TIDEMARK_PASSPHRASE or TIDEMARK_PASSPHRASE_FILE)');
+
+/** The vault passphrase: --passphrase-file, TIDEMARK_PASSPHRASE_FILE or TIDEMARK_PASSPHRASE (never argv). */
+export function readPassphrase(passphraseFile?: string): string {
+  const file = passphraseFile ?? process.env.TIDEMARK_PASSPHRASE_FILE;
+  if (file) {
+    try {
+      return readFileSync(file, 'utf8').replace(/\r?\n$/, '');
+    } catch (err) {
+      throw new TidemarkError('E_USAGE', `cannot read passphrase file ${file}: ${(err as Error).message}`);
+    }
+  }
+  const value = process.env.TIDEMARK_PASSPHRASE;
+  if (value) return value;
+  throw new TidemarkError('E_USAGE', 'no passphrase: set TIDEMARK_PASSPHRASE or TIDEMARK_PASSPHRASE_FILE, or pass --passphrase-file');
+}
+
+/** A token or credential: the flag if given (argv), else TIDEMARK_TOKEN (preferred: not visible in ps). */
+export function readToken(flag?: string): string {
+  const token = flag ?? process.env.TIDEMARK_TOKEN;
+  if (!token) throw new TidemarkError('E_USAGE', 'no token: pass --token or set TIDEMARK_TOKEN');
+  return token.trim();
+}
+
+export function parseIntOption(name: string, min: number, max: number): (value: string) => number {
+  return (value) => {
+    const n = Number(value);
+    if (!Number.isInteger(n) || n < min || n > max) throw new TidemarkError('E_USAGE', `${name} must be a whole number from ${min} to ${max}`);
+    return n;
+  };
+}

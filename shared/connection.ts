@@ -1,0 +1,210 @@
+// Client side of the wire protocol: a TLS connection pinned to the receiver's
+// certificate fingerprint, then a WebSocket carrying pipelined requests.
+// The fingerprint is checked on the raw TLS socket *before* the HTTP upgrade
+// (which carries the credential) is written.
+import { connect as tlsConnect, type TLSSocket } from 'node:tls';
+import WebSocket from 'ws';
+import { TidemarkError, asTidemarkError } from './errors.js';
+import {
+  MAX_FRAME_BYTES, PROTOCOL_HEADER, PROTOCOL_VERSION,
+  decodeReply, encodeFrame, parseReply, type Reply, type RequestBody, type RequestType,
+} from './protocol.js';
+
+export function normalizeFingerprint(fp: string): string {
+  const hex = fp.replace(/^sha256:/i, '').replace(/[:\s]/g, '').toUpperCase();
+  if (!/^[0-9A-F]{64}$/.test(hex)) throw new TidemarkError('E_USAGE', `invalid fingerprint "${fp}": expected the SHA-256 fingerprint printed by tidemark-receiver init`);
+  return hex;
+}
+
+export function parseReceiverUrl(url: string): URL {
+  let parsed: URL;
+  try {
+    parsed = new URL(url);
+  } catch {
+    throw new TidemarkError('E_USAGE', `invalid receiver address "${url}": expected wss://HOST:PORT`);
+  }
+  if (parsed.protocol !== 'wss:') throw new TidemarkError('E_USAGE', `receiver address must start with wss:// (got ${parsed.protocol}//)`);
+  return parsed;
+}
+
+function unreachable(url: URL, err: Error): TidemarkError {
+  return new TidemarkError('E_UNREACHABLE', `receiver unreachable at ${url.host}: ${err.message}; check the address and that tidemark-receiver serve is running`, { cause: err });
+}
+
+export function connectPinned(url: URL, fingerprint: string, timeoutMs = 10_000): Promise<TLSSocket> {
+  const expected = normalizeFingerprint(fingerprint);
+  return new Promise((resolve, reject) => {
+    const socket = tlsConnect({
+      host: url.hostname.replace(/^\[|\]$/g, ''),
+      port: Number(url.port || 443),
+      servername: /^[\d.:[\]]+$/.test(url.hostname) ? undefined : url.hostname,
+      // Trust comes from the pinned fingerprint, not from a CA chain.
+      rejectUnauthorized: false,
+      timeout: timeoutMs,
+    });
+    const fail = (err: TidemarkError) => {
+      socket.destroy();
+      reject(err);
+    };
+    socket.once('timeout', () => fail(unreachable(url, new Error(`no TLS handshake within ${timeoutMs} ms`))));
+    socket.once('error', (err) => fail(unreachable(url, err)));
+    socket.once('secureConnect', () => {
+      const actual = socket.getPeerCertificate().fingerprint256?.replace(/:/g, '') ?? '';
+      if (actual !== expected) {
+        return fail(new TidemarkError('E_FINGERPRINT', `receiver at ${url.host} presented certificate fingerprint ${actual || 'none'}, not the pinned one; check --fingerprint (nothing was sent)`));
+      }
+      socket.setTimeout(0);
+      socket.removeAllListeners('error');
+      socket.removeAllListeners('timeout');
+      resolve(socket);
+    });
+  });
+}
+
+export interface ConnectionOptions {
+  url: string;
+  fingerprint: string;
+  path: string;
+  /** Value of the Authorization header: `Bearer <credential>` or `Token <enrollment token>`. */
+  authorization: string;
+  /** Cap on bytes sent per second (--bwlimit); 0 = unlimited. */
+  bytesPerSecond?: number;
+}
+
+const WRITE_HIGH_WATER_BYTES = 8 * 1024 * 1024;
+
+interface Pending {
+  type: RequestType;
+  resolve: (body: Record<string, unknown>) => void;
+  reject: (err: TidemarkError) => void;
+}
+
+export class ReceiverConnection {
+  private nextRid = 1;
+  private readonly pending = new Map<number, Pending>();
+  private unflushedBytes = 0;
+  private writeWaiters: Array<() => void> = [];
+  private closedError: TidemarkError | null = null;
+  private readonly limiter: RateLimiter | null;
+
+  private constructor(private readonly ws: WebSocket, bytesPerSecond: number) {
+    this.limiter = bytesPerSecond > 0 ? new RateLimiter(bytesPerSecond) : null;
+    ws.on('message', (data: Buffer, isBinary: boolean) => this.onMessage(data, isBinary));
+    ws.on('close', (code: number, reason: Buffer) => {
+      this.failAll(new TidemarkError('E_UNREACHABLE', `connection to receiver closed (${code}${reason.length ? `: ${reason.toString()}` : ''})`));
+    });
+    ws.on('error', (err) => this.failAll(asTidemarkError(err)));
+  }
+
+  static async open(options: ConnectionOptions): Promise<ReceiverConnection> {
+    const url = parseReceiverUrl(options.url);
+    const socket = await connectPinned(url, options.fingerprint);
+    const ws = new WebSocket(new URL(options.path, url), {
+      createConnection: () => socket,
+      headers: { authorization: options.authorization, [PROTOCOL_HEADER]: String(PROTOCOL_VERSION) },
+      perMessageDeflate: false,
+      maxPayload: MAX_FRAME_BYTES,
+      handshakeTimeout: 10_000,
+    });
+    await new Promise<void>((resolve, reject) => {
+      ws.once('open', () => resolve());
+      ws.once('unexpected-response', (_req, res) => {
+        let body = '';
+        res.setEncoding('utf8');
+        res.on('data', (c: string) => (body += c.slice(0, 1024)));
+        res.on('end', () => {
+          const status = res.statusCode ?? 0;
+          const code = status === 401 ? 'E_AUTH' : status === 403 ? 'E_FORBIDDEN' : status === 503 ? 'E_UNREACHABLE' : 'E_PROTOCOL';
+          ws.terminate();
+          reject(new TidemarkError(code, body.trim() || `receiver refused the connection (HTTP ${status})`));
+        });
+      });
+      ws.once('error', (err) => reject(unreachable(url, err)));
+    });
+    ws.removeAllListeners('error');
+    return new ReceiverConnection(ws, options.bytesPerSecond ?? 0);
+  }
+
+  get isOpen(): boolean {
+    return this.closedError === null && this.ws.readyState === WebSocket.OPEN;
+  }
+
+  async request<T extends RequestType>(type: T, body: RequestBody<T>): Promise<Reply<T>> {
+    if (this.closedError) throw this.closedError;
+    const rid = this.nextRid++;
+    const frame = encodeFrame({ ...body, t: type, rid });
+    await this.waitWritable(frame.length);
+    if (this.closedError) throw this.closedError;
+    const reply = new Promise<Record<string, unknown>>((resolve, reject) => this.pending.set(rid, { type, resolve, reject }));
+    this.unflushedBytes += frame.length;
+    this.ws.send(frame, { binary: true }, () => {
+      this.unflushedBytes -= frame.length;
+      this.wakeWriters();
+    });
+    return parseReply(type, await reply);
+  }
+
+  close(): void {
+    this.failAll(new TidemarkError('E_STATE', 'connection closed'));
+    this.ws.close(1000);
+  }
+
+  private async waitWritable(bytes: number): Promise<void> {
+    if (this.limiter) await this.limiter.take(bytes);
+    while (this.unflushedBytes > WRITE_HIGH_WATER_BYTES && !this.closedError) {
+      await new Promise<void>((resolve) => this.writeWaiters.push(resolve));
+    }
+  }
+
+  private wakeWriters(): void {
+    const waiters = this.writeWaiters;
+    this.writeWaiters = [];
+    for (const wake of waiters) wake();
+  }
+
+  private onMessage(data: Buffer, isBinary: boolean): void {
+    try {
+      if (!isBinary) throw new TidemarkError('E_PROTOCOL', 'receiver sent a text frame');
+      const reply = decodeReply(data);
+      if (reply.t === 'error' && reply.rid === null) throw reply.error;
+      const pending = this.pending.get(reply.rid!);
+      if (!pending) throw new TidemarkError('E_PROTOCOL', `receiver replied to unknown request ${reply.rid}`);
+      this.pending.delete(reply.rid!);
+      if (reply.t === 'ok') pending.resolve(reply.body);
+      else pending.reject(reply.error);
+    } catch (err) {
+      this.failAll(asTidemarkError(err));
+      this.ws.terminate();
+    }
+  }
+
+  private failAll(err: TidemarkError): void {
+    if (!this.closedError) this.closedError = err;
+    for (const p of this.pending.values()) p.reject(err);
+    this.pending.clear();
+    this.wakeWriters();
+  }
+}
+
+/** Token bucket with one second of burst. */
+class RateLimiter {
+  private tokens: number;
+  private lastMs = Date.now();
+
+  constructor(private readonly bytesPerSecond: number) {
+    this.tokens = bytesPerSecond;
+  }
+
+  async take(bytes: number): Promise<void> {
+    for (;;) {
+      const now = Date.now();
+      this.tokens = Math.min(this.bytesPerSecond, this.tokens + ((now - this.lastMs) / 1000) * this.bytesPerSecond);
+      this.lastMs = now;
+      if (this.tokens >= Math.min(bytes, this.bytesPerSecond)) {
+        this.tokens -= bytes;
+        return;
+      }
+      await new Promise((r) => setTimeout(r, Math.ceil(((bytes - this.tokens) / this.bytesPerSecond) * 1000)));
+    }
+  }
+}

@@ -1,0 +1,152 @@
+// The wire protocol (docs/SPEC.md §3): WebSocket over TLS, one msgpack map per
+// binary frame. Every request carries a request id `rid`; the reply echoes it
+// as `{t: 'ok', rid, ...}` or `{t: 'error', rid, code, message, retryable}`.
+// Both sides validate every frame against the schemas below; anything else is
+// a protocol error.
+import { Packr } from 'msgpackr';
+import { z } from 'zod';
+import { CHUNK_ID_BYTES, CHUNK_OVERHEAD_BYTES } from './chunk-crypto.js';
+import { TidemarkError, isErrorCode, type ErrorCode } from './errors.js';
+
+export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_HEADER = 'tidemark-protocol';
+export const ENROLL_PATH = `/v${PROTOCOL_VERSION}/enroll`;
+export const SESSION_PATH = `/v${PROTOCOL_VERSION}/session`;
+
+export const MIN_BLOCK_BYTES = 4096;
+export const MAX_BLOCK_BYTES = 1 << 20;
+export const DEFAULT_BLOCK_BYTES = 64 * 1024;
+export const MAX_IDS_PER_QUERY = 4096;
+export const MAX_BLOCKS_PER_PUT = 8192;
+export const MAX_MAP_PAGE = 8192;
+/** Largest legal frame: a chunk.put of a maximal block, plus msgpack framing. */
+export const MAX_FRAME_BYTES = MAX_BLOCK_BYTES + CHUNK_OVERHEAD_BYTES + 1024;
+
+const packr = new Packr({ useRecords: false, mapsAsObjects: true, int64AsType: 'number' });
+
+const rid = z.number().int().min(0).max(0xffffffff);
+const bin = z.instanceof(Uint8Array).transform((u) => (Buffer.isBuffer(u) ? u : Buffer.from(u.buffer, u.byteOffset, u.byteLength)));
+const id32 = bin.refine((b) => b.length === CHUNK_ID_BYTES, 'chunk id must be 32 bytes');
+const uint = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
+const name = z.string().min(1).max(255);
+const vaultId = z.string().regex(/^[0-9a-f]{32}$/);
+
+export const requestSchemas = {
+  enroll: z.object({ t: z.literal('enroll'), rid, host: name, vaultId }),
+  hello: z.object({ t: z.literal('hello'), rid, vaultId }),
+  'disk.register': z.object({
+    t: z.literal('disk.register'), rid, name,
+    sizeBytes: uint,
+    sectorBytes: z.number().int().min(512).max(65536),
+    blockBytes: z.number().int().min(MIN_BLOCK_BYTES).max(MAX_BLOCK_BYTES).refine((n) => (n & (n - 1)) === 0, 'block size must be a power of two'),
+  }),
+  'point.begin': z.object({ t: z.literal('point.begin'), rid, resume: uint.nullable() }),
+  'chunks.query': z.object({ t: z.literal('chunks.query'), rid, ids: z.array(id32).max(MAX_IDS_PER_QUERY) }),
+  'chunk.put': z.object({ t: z.literal('chunk.put'), rid, id: id32, data: bin }),
+  'blocks.put': z.object({
+    t: z.literal('blocks.put'), rid, pointId: uint, diskId: uint,
+    blocks: z.array(uint).max(MAX_BLOCKS_PER_PUT),
+    /** null: the block is all zeros (or discarded). */
+    ids: z.array(id32.nullable()).max(MAX_BLOCKS_PER_PUT),
+  }).refine((m) => m.blocks.length === m.ids.length, 'blocks and ids differ in length'),
+  'point.commit': z.object({
+    t: z.literal('point.commit'), rid, pointId: uint, timeMs: uint, crashConsistent: z.boolean(),
+    disks: z.array(z.object({ diskId: uint, changedBytes: uint })).max(256),
+  }),
+  'points.list': z.object({ t: z.literal('points.list'), rid, host: name.nullable() }),
+  'point.map': z.object({ t: z.literal('point.map'), rid, pointId: uint, diskId: uint, fromBlock: uint, limit: z.number().int().min(1).max(MAX_MAP_PAGE) }),
+  'chunk.get': z.object({ t: z.literal('chunk.get'), rid, id: id32 }),
+} as const;
+
+export type RequestType = keyof typeof requestSchemas;
+export type Request<T extends RequestType = RequestType> = z.infer<(typeof requestSchemas)[T]>;
+/** A request as the client builds it: `rid` is filled in by the connection. */
+export type RequestBody<T extends RequestType> = Omit<z.input<(typeof requestSchemas)[T]>, 'rid'>;
+
+export const pointDiskSchema = z.object({ diskId: uint, name, sizeBytes: uint, blockBytes: uint, changedBytes: uint });
+export const pointSchema = z.object({
+  id: uint, host: name, timeMs: uint, committedMs: uint, crashConsistent: z.boolean(), disks: z.array(pointDiskSchema),
+});
+export type PointInfo = z.infer<typeof pointSchema>;
+
+export const replySchemas = {
+  enroll: z.object({ hostId: uint, credential: z.string() }),
+  hello: z.object({ role: z.enum(['agent', 'restore']), host: name.nullable() }),
+  'disk.register': z.object({ diskId: uint, hasHistory: z.boolean() }),
+  'point.begin': z.object({ pointId: uint, resumed: z.boolean() }),
+  'chunks.query': z.object({ missing: z.array(uint) }),
+  'chunk.put': z.object({ stored: z.boolean() }),
+  'blocks.put': z.object({ staged: uint }),
+  'point.commit': z.object({ pointId: uint }),
+  'points.list': z.object({ points: z.array(pointSchema) }),
+  'point.map': z.object({ blocks: z.array(uint), ids: z.array(id32), next: uint.nullable() }),
+  'chunk.get': z.object({ data: bin }),
+} satisfies Record<RequestType, z.ZodType>;
+
+export type Reply<T extends RequestType> = z.infer<(typeof replySchemas)[T]>;
+
+const errorSchema = z.object({ t: z.literal('error'), rid: rid.nullable(), code: z.string(), message: z.string().max(4096), retryable: z.boolean() });
+
+export function encodeFrame(message: object): Buffer {
+  return packr.pack(message);
+}
+
+function decodeMap(frame: Buffer): Record<string, unknown> {
+  let value: unknown;
+  try {
+    value = packr.unpack(frame);
+  } catch {
+    throw new TidemarkError('E_PROTOCOL', 'frame is not valid msgpack');
+  }
+  if (typeof value !== 'object' || value === null || Array.isArray(value)) throw new TidemarkError('E_PROTOCOL', 'frame is not a msgpack map');
+  return value as Record<string, unknown>;
+}
+
+/** Server side: decode and validate a request; throws E_PROTOCOL naming the problem. */
+export function decodeRequest(frame: Buffer): Request {
+  const value = decodeMap(frame);
+  const type = value.t;
+  if (typeof type !== 'string' || !(type in requestSchemas)) throw new TidemarkError('E_PROTOCOL', `unknown message type ${JSON.stringify(type)}`);
+  const parsed = requestSchemas[type as RequestType].safeParse(value);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new TidemarkError('E_PROTOCOL', `malformed ${type}: ${issue?.path.join('.') || 'frame'}: ${issue?.message}`);
+  }
+  return parsed.data as Request;
+}
+
+/** Best-effort request id of an invalid frame, so the error can be matched to its request. */
+export function peekRid(frame: Buffer): number | null {
+  try {
+    const r = decodeMap(frame).rid;
+    return typeof r === 'number' && Number.isInteger(r) && r >= 0 ? r : null;
+  } catch {
+    return null;
+  }
+}
+
+export type ReplyFrame = { t: 'ok'; rid: number; body: Record<string, unknown> } | { t: 'error'; rid: number | null; error: TidemarkError };
+
+/** Client side: decode a reply frame (body validated later against the request's reply schema). */
+export function decodeReply(frame: Buffer): ReplyFrame {
+  const value = decodeMap(frame);
+  if (value.t === 'ok' && typeof value.rid === 'number') return { t: 'ok', rid: value.rid, body: value };
+  const parsed = errorSchema.safeParse(value);
+  if (!parsed.success) throw new TidemarkError('E_PROTOCOL', 'receiver sent a frame that is neither a reply nor an error');
+  const code: ErrorCode = isErrorCode(parsed.data.code) ? parsed.data.code : 'E_PROTOCOL';
+  return { t: 'error', rid: parsed.data.rid, error: new TidemarkError(code, parsed.data.message, { retryable: parsed.data.retryable }) };
+}
+
+export function parseReply<T extends RequestType>(type: T, body: Record<string, unknown>): Reply<T> {
+  const parsed = replySchemas[type].safeParse(body);
+  if (!parsed.success) throw new TidemarkError('E_PROTOCOL', `receiver sent a malformed reply to ${type}`);
+  return parsed.data as Reply<T>;
+}
+
+export function errorFrame(ridValue: number | null, err: TidemarkError): Buffer {
+  return encodeFrame({ t: 'error', rid: ridValue, code: err.code, message: err.message, retryable: err.retryable });
+}
+
+export function okFrame(ridValue: number, body: object): Buffer {
+  return encodeFrame({ ...body, t: 'ok', rid: ridValue });
+}
