@@ -25,7 +25,7 @@ export const MAX_FRAME_BYTES = MAX_BLOCK_BYTES + CHUNK_OVERHEAD_BYTES + 1024;
 const packr = new Packr({ useRecords: false, mapsAsObjects: true, int64AsType: 'number' });
 
 const rid = z.number().int().min(0).max(0xffffffff);
-const bin = z.instanceof(Uint8Array).transform((u) => (Buffer.isBuffer(u) ? u : Buffer.from(u.buffer, u.byteOffset, u.byteLength)));
+const bin = z.custom<Uint8Array>((v) => v instanceof Uint8Array, 'expected binary data').transform((u) => (Buffer.isBuffer(u) ? u : Buffer.from(u.buffer, u.byteOffset, u.byteLength)));
 const id32 = bin.refine((b) => b.length === CHUNK_ID_BYTES, 'chunk id must be 32 bytes');
 const uint = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
 const name = z.string().min(1).max(255);
@@ -61,7 +61,7 @@ export const requestSchemas = {
 export type RequestType = keyof typeof requestSchemas;
 export type Request<T extends RequestType = RequestType> = z.infer<(typeof requestSchemas)[T]>;
 /** A request as the client builds it: `rid` is filled in by the connection. */
-export type RequestBody<T extends RequestType> = Omit<z.input<(typeof requestSchemas)[T]>, 'rid'>;
+export type RequestBody<T extends RequestType> = Omit<z.input<(typeof requestSchemas)[T]>, 'rid' | 't'>;
 
 export const pointDiskSchema = z.object({ diskId: uint, name, sizeBytes: uint, blockBytes: uint, changedBytes: uint });
 export const pointSchema = z.object({

@@ -1,0 +1,262 @@
+// One sync cycle by hash scan (SPEC §8): read every block of every protected
+// disk, ship the blocks whose xxh3 differs from what the last point holds,
+// and commit one recovery point covering all disks.
+//
+// Crash consistency by convergence: a pass is trusted only if no disk was
+// written while it ran (change counters equal before and after); otherwise
+// another pass re-reads and ships what moved, up to MAX_PASSES, after which
+// the point is committed flagged as *not* crash-consistent.
+import { open, type FileHandle } from 'node:fs/promises';
+import { xxh3 } from '@node-rs/xxhash';
+import { chunkId, sealChunk, type VaultKeys } from '../shared/chunk-crypto.js';
+import { ReceiverConnection } from '../shared/connection.js';
+import { TidemarkError } from '../shared/errors.js';
+import type { Logger } from '../shared/log.js';
+import { Progress, ProgressReporter } from '../shared/progress.js';
+import { MAX_IDS_PER_QUERY, SESSION_PATH } from '../shared/protocol.js';
+import { changeCounters } from './change-counter.js';
+import { describeDisk, isZeroBlock } from './disks.js';
+import { HashFile, type AgentState, type DiskRecord } from './state.js';
+
+const MAX_PASSES = 3;
+const READ_BATCH_BYTES = 16 * 1024 * 1024;
+/** Hash of a block nobody has described yet: forces the block to be shipped. */
+const UNKNOWN_HASH = 0n;
+
+export interface SyncOptions {
+  state: AgentState;
+  keys: VaultKeys;
+  diskPaths: string[];
+  blockBytes: number;
+  bytesPerSecond: number;
+  json: boolean;
+  log: Logger;
+}
+
+export interface SyncResult {
+  pointId: number;
+  time: string;
+  crashConsistent: boolean;
+  initial: boolean;
+  /** Continued a point an interrupted run had begun (its staged blocks were kept). */
+  resumed: boolean;
+  passes: number;
+  bytesRead: number;
+  blocksChanged: number;
+  chunksUploaded: number;
+  bytesUploaded: number;
+  chunksDeduplicated: number;
+  durationMs: number;
+}
+
+interface Target {
+  record: DiskRecord;
+  blockCount: number;
+  changedBytes: number;
+}
+
+interface Totals {
+  bytesRead: number;
+  blocksChanged: number;
+  chunksUploaded: number;
+  bytesUploaded: number;
+  chunksDeduplicated: number;
+}
+
+const zeroHashes = new Map<number, bigint>();
+function zeroHash(blockBytes: number): bigint {
+  let hash = zeroHashes.get(blockBytes);
+  if (hash === undefined) zeroHashes.set(blockBytes, (hash = xxh3.xxh64(Buffer.alloc(blockBytes))));
+  return hash;
+}
+
+export async function syncOnce(opts: SyncOptions): Promise<SyncResult> {
+  const startedMs = Date.now();
+  const { state } = opts;
+  const enrollment = state.enrollment()!;
+  const conn = await ReceiverConnection.open({
+    url: enrollment.receiverUrl,
+    fingerprint: enrollment.fingerprint,
+    path: SESSION_PATH,
+    authorization: `Bearer ${state.credential()}`,
+    bytesPerSecond: opts.bytesPerSecond,
+  });
+  try {
+    await conn.request('hello', { vaultId: opts.keys.vaultId });
+    state.saveStatus({ state: 'Scanning', reason: 'reading disk geometry' });
+    const registered = await Promise.all(opts.diskPaths.map((path) => registerDisk(conn, state, path, opts.blockBytes)));
+    const initial = registered.some((r) => !r.target.record.hasBaseline);
+
+    const begun = await conn.request('point.begin', { resume: registered.every((r) => r.resumable) ? state.openPointId() : null });
+    if (!begun.resumed) {
+      for (const { target, fill } of registered) {
+        target.record.watermark = 0;
+        state.saveDisk(target.record);
+        state.startPending(target.record, target.blockCount, fill);
+      }
+    }
+    state.setOpenPointId(begun.pointId);
+    const targets = registered.map((r) => r.target);
+    opts.log.info({ pointId: begun.pointId, resumed: begun.resumed, initial }, 'sync started');
+
+    const totals: Totals = { bytesRead: 0, blocksChanged: 0, chunksUploaded: 0, bytesUploaded: 0, chunksDeduplicated: 0 };
+    const paths = targets.map((t) => t.record.path);
+    let consistent = false;
+    let passes = 0;
+    let cutMs = Date.now();
+    while (!consistent && passes < MAX_PASSES) {
+      // A resumed first pass read part of the disks before the interruption: it cannot prove anything.
+      const fromWatermark = passes === 0 && begun.resumed;
+      const before = changeCounters(paths);
+      const phase = initial ? (passes === 0 ? 'initial sync' : 'initial sync (converging)') : passes === 0 ? 'incremental sync' : 'incremental sync (converging)';
+      state.saveStatus({ state: initial ? 'InitialSync' : 'Replicating', reason: phase });
+      await scanPass(conn, opts, begun.pointId, targets, fromWatermark, phase, totals);
+      cutMs = Date.now();
+      passes++;
+      consistent = !fromWatermark && changeCounters(paths).every((c, i) => c === before[i]);
+    }
+
+    await conn.request('point.commit', {
+      pointId: begun.pointId, timeMs: cutMs, crashConsistent: consistent,
+      disks: targets.map((t) => ({ diskId: t.record.diskId, changedBytes: t.changedBytes })),
+    });
+    for (const t of targets) {
+      state.promotePending(t.record.diskId);
+      state.saveDisk({ ...t.record, hasBaseline: true, watermark: 0 });
+    }
+    state.setOpenPointId(null);
+    state.saveStatus({
+      state: 'Replicating',
+      reason: consistent ? null : `point ${begun.pointId} is not crash-consistent: the disks kept changing during ${passes} passes`,
+      lastPointId: begun.pointId, lastPointTimeMs: cutMs, lastPointConsistent: consistent, progress: null, backlogBytes: 0,
+    });
+    opts.log.info({ pointId: begun.pointId, crashConsistent: consistent, passes, ...totals }, 'point committed');
+    return { pointId: begun.pointId, time: new Date(cutMs).toISOString(), crashConsistent: consistent, initial, resumed: begun.resumed, passes, ...totals, durationMs: Date.now() - startedMs };
+  } finally {
+    conn.close();
+  }
+}
+
+async function registerDisk(conn: ReceiverConnection, state: AgentState, path: string, blockBytes: number) {
+  const info = await describeDisk(path, { measureData: false });
+  const known = state.disk(path);
+  const reg = await conn.request('disk.register', {
+    name: path, sizeBytes: info.sizeBytes, sectorBytes: info.sectorBytes, blockBytes: known?.blockBytes ?? blockBytes,
+  });
+  const sameDisk = known !== undefined && known.diskId === reg.diskId && known.sizeBytes === info.sizeBytes;
+  if (known && !sameDisk) state.dropHashes(known.diskId);
+  const record: DiskRecord = sameDisk
+    ? known
+    : { path, diskId: reg.diskId, sizeBytes: info.sizeBytes, blockBytes: known?.blockBytes ?? blockBytes, hasBaseline: false, watermark: 0 };
+  const target: Target = { record, blockCount: Math.ceil(info.sizeBytes / record.blockBytes), changedBytes: 0 };
+  // With no local baseline, the receiver's view is all zeros only if it has no history for the disk.
+  const fill = reg.hasHistory ? UNKNOWN_HASH : zeroHash(record.blockBytes);
+  return { target, fill, resumable: sameDisk };
+}
+
+async function scanPass(
+  conn: ReceiverConnection, opts: SyncOptions, pointId: number, targets: Target[], fromWatermark: boolean, phase: string, totals: Totals,
+): Promise<void> {
+  const start = (t: Target) => (fromWatermark ? t.record.watermark : 0);
+  const progress = new Progress(phase, targets.reduce((sum, t) => sum + Math.max(0, t.record.sizeBytes - start(t) * t.record.blockBytes), 0));
+  const reporter = new ProgressReporter(opts.json);
+  let lastSavedMs = 0;
+  for (const target of targets) {
+    const { record } = target;
+    const hashes = HashFile.open(opts.state.hashPath(record.diskId, 'pending'));
+    let file: FileHandle | undefined;
+    try {
+      file = await open(record.path, 'r');
+      const batchBlocks = Math.max(1, Math.floor(READ_BATCH_BYTES / record.blockBytes));
+      for (let first = start(target); first < target.blockCount; first += batchBlocks) {
+        const count = Math.min(batchBlocks, target.blockCount - first);
+        const data = await readFully(file, first * record.blockBytes, Math.min(count * record.blockBytes, record.sizeBytes - first * record.blockBytes));
+        const known = hashes.read(first, count);
+        const changed: number[] = [];
+        for (let i = 0; i < count; i++) {
+          const hash = xxh3.xxh64(blockOf(data, i, record.blockBytes));
+          if (hash !== known[i]) {
+            known[i] = hash;
+            changed.push(i);
+          }
+        }
+        if (changed.length > 0) {
+          target.changedBytes += await shipBlocks(conn, opts.keys, pointId, record, first, data, changed, totals);
+        }
+        // Order matters for resume: the receiver staged the blocks before we record them as done.
+        hashes.write(first, known);
+        opts.state.setWatermark(record.path, first + count);
+        totals.bytesRead += data.length;
+        progress.add(data.length);
+        reporter.report(progress);
+        if (Date.now() - lastSavedMs > 1000) {
+          lastSavedMs = Date.now();
+          const snapshot = progress.snapshot();
+          opts.state.saveStatus({ progress: snapshot, backlogBytes: snapshot.bytesTotal - snapshot.bytesDone });
+        }
+      }
+      hashes.sync();
+    } finally {
+      hashes.close();
+      await file?.close();
+    }
+  }
+  reporter.report(progress, true);
+  reporter.done();
+}
+
+function blockOf(data: Buffer, index: number, blockBytes: number): Buffer {
+  return data.subarray(index * blockBytes, Math.min((index + 1) * blockBytes, data.length));
+}
+
+async function readFully(file: FileHandle, position: number, length: number): Promise<Buffer> {
+  const buffer = Buffer.allocUnsafe(length);
+  let done = 0;
+  while (done < length) {
+    const { bytesRead } = await file.read(buffer, done, length - done, position + done);
+    if (bytesRead === 0) throw new TidemarkError('E_DISK', `disk shrank while reading: short read at byte ${position + done}`);
+    done += bytesRead;
+  }
+  return buffer;
+}
+
+/**
+ * Ships changed blocks of one read batch: ask which chunks the vault lacks,
+ * upload those, then stage the block versions. Returns the bytes changed.
+ */
+async function shipBlocks(
+  conn: ReceiverConnection, keys: VaultKeys, pointId: number, record: DiskRecord,
+  first: number, data: Buffer, changed: number[], totals: Totals,
+): Promise<number> {
+  const ids: Array<Buffer | null> = [];
+  const unique = new Map<string, { id: Buffer; plaintext: Buffer }>();
+  let changedBytes = 0;
+  for (const i of changed) {
+    const block = blockOf(data, i, record.blockBytes);
+    changedBytes += block.length;
+    if (isZeroBlock(block)) {
+      ids.push(null);
+      continue;
+    }
+    const id = chunkId(keys, block);
+    ids.push(id);
+    unique.set(id.toString('hex'), { id, plaintext: block });
+  }
+  const candidates = [...unique.values()];
+  for (let from = 0; from < candidates.length; from += MAX_IDS_PER_QUERY) {
+    const slice = candidates.slice(from, from + MAX_IDS_PER_QUERY);
+    const { missing } = await conn.request('chunks.query', { ids: slice.map((c) => c.id) });
+    totals.chunksDeduplicated += slice.length - missing.length;
+    await Promise.all(missing.map(async (index) => {
+      const chunk = slice[index];
+      if (!chunk) throw new TidemarkError('E_PROTOCOL', `receiver named chunk ${index} of a query of ${slice.length}`);
+      const envelope = sealChunk(keys, chunk.id, chunk.plaintext);
+      await conn.request('chunk.put', { id: chunk.id, data: envelope });
+      totals.chunksUploaded++;
+      totals.bytesUploaded += envelope.length;
+    }));
+  }
+  await conn.request('blocks.put', { pointId, diskId: record.diskId, blocks: changed.map((i) => first + i), ids });
+  totals.blocksChanged += changed.length;
+  return changedBytes;
+}

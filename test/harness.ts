@@ -1,0 +1,165 @@
+// Test harness: real receiver and agent processes on loopback, in temp directories.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { mkdtempSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const REPO_ROOT = resolve(fileURLToPath(import.meta.url), '../../..');
+export const PASSPHRASE = 'correct horse battery staple';
+
+export interface CliResult {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+  stdout: string;
+  stderr: string;
+}
+
+export type Tool = 'agent' | 'receiver' | 'restore';
+
+export function spawnCli(tool: Tool, args: string[], env: Record<string, string | undefined> = {}): ChildProcess {
+  return spawn(process.execPath, [join(REPO_ROOT, 'bin', `tidemark-${tool}.js`), ...args], {
+    env: { ...process.env, TIDEMARK_PASSPHRASE: PASSPHRASE, TIDEMARK_LOG_LEVEL: 'warn', ...env },
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
+}
+
+export function runCli(tool: Tool, args: string[], env: Record<string, string | undefined> = {}): Promise<CliResult> {
+  const child = spawnCli(tool, args, env);
+  return collect(child);
+}
+
+export function collect(child: ChildProcess): Promise<CliResult> {
+  let stdout = '';
+  let stderr = '';
+  child.stdout!.on('data', (d: Buffer) => (stdout += d.toString()));
+  child.stderr!.on('data', (d: Buffer) => (stderr += d.toString()));
+  return new Promise((resolve) => child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr })));
+}
+
+/** Runs a CLI and parses its stdout as one JSON document; fails loudly otherwise. */
+export async function runJson<T = any>(tool: Tool, args: string[], env: Record<string, string | undefined> = {}): Promise<T> {
+  const result = await runCli(tool, [...args, '--json'], env);
+  if (result.code !== 0) throw new Error(`tidemark-${tool} ${args[0]} exited ${result.code}: ${result.stderr.trim()}`);
+  return JSON.parse(result.stdout) as T;
+}
+
+export function tempDir(prefix = 'tidemark-test-'): string {
+  return mkdtempSync(join(tmpdir(), prefix));
+}
+
+export class ReceiverProcess {
+  private constructor(
+    readonly dataDir: string,
+    readonly fingerprint: string,
+    private child: ChildProcess,
+    public port: number,
+  ) {}
+
+  get url(): string {
+    return `wss://127.0.0.1:${this.port}`;
+  }
+
+  static async init(dataDir: string): Promise<ReceiverProcess> {
+    const { fingerprint } = await runJson<{ fingerprint: string }>('receiver', ['init', '--data', dataDir]);
+    const { child, port } = await ReceiverProcess.serve(dataDir, 0);
+    return new ReceiverProcess(dataDir, fingerprint, child, port);
+  }
+
+  private static serve(dataDir: string, port: number): Promise<{ child: ChildProcess; port: number }> {
+    const child = spawnCli('receiver', ['serve', '--data', dataDir, '--listen', `127.0.0.1:${port}`], { TIDEMARK_LOG_LEVEL: 'info' });
+    return new Promise((resolve, reject) => {
+      let buffered = '';
+      child.stderr!.on('data', (d: Buffer) => {
+        buffered += d.toString();
+        const line = buffered.split('\n').find((l) => l.includes('"msg":"listening"'));
+        if (line) resolve({ child, port: (JSON.parse(line) as { port: number }).port });
+      });
+      child.once('exit', (code) => reject(new Error(`receiver exited ${code} before listening: ${buffered}`)));
+    });
+  }
+
+  /** Restarts on the same port (agents keep their address). */
+  async restart(): Promise<void> {
+    await this.stop();
+    this.child = (await ReceiverProcess.serve(this.dataDir, this.port)).child;
+  }
+
+  get pid(): number {
+    return this.child.pid!;
+  }
+
+  async stop(signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
+    if (this.child.exitCode !== null || this.child.signalCode !== null) return;
+    const exited = new Promise((r) => this.child.once('exit', r));
+    this.child.kill(signal);
+    await exited;
+  }
+
+  async token(restore = false): Promise<string> {
+    const { token } = await runJson<{ token: string }>('receiver', ['token', '--data', this.dataDir, ...(restore ? ['--restore'] : [])]);
+    return token;
+  }
+
+  status(): Promise<any> {
+    return runJson('receiver', ['status', '--data', this.dataDir]);
+  }
+}
+
+/** A receiver, one enrolled agent and a restore token, in one temp directory. */
+export class Deployment {
+  readonly root = tempDir();
+  readonly keyFile = join(this.root, 'vault.key');
+  receiver!: ReceiverProcess;
+  restoreToken!: string;
+
+  static async start(): Promise<Deployment> {
+    const d = new Deployment();
+    d.receiver = await ReceiverProcess.init(join(d.root, 'receiver'));
+    d.restoreToken = await d.receiver.token(true);
+    return d;
+  }
+
+  stateDir(host: string): string {
+    return join(this.root, `agent-${host}`);
+  }
+
+  async enroll(host: string, keyFile = this.keyFile): Promise<string> {
+    const token = await this.receiver.token();
+    const result = await runCli('agent', ['enroll', '--state', this.stateDir(host), '--receiver', this.receiver.url,
+      '--fingerprint', this.receiver.fingerprint, '--key-file', keyFile, '--host', host], { TIDEMARK_TOKEN: token });
+    if (result.code !== 0) throw new Error(`enroll failed (${result.code}): ${result.stderr}`);
+    return this.stateDir(host);
+  }
+
+  /** `tidemark-agent run --once`; returns the final result line. */
+  async syncOnce(host: string, disks: string[], extra: string[] = []): Promise<any> {
+    const result = await runCli('agent', ['run', '--once', '--json', '--state', this.stateDir(host), ...disks.flatMap((d) => ['--disk', d]), ...extra]);
+    if (result.code !== 0) throw new Error(`run --once failed (${result.code}): ${result.stderr}`);
+    return lastEvent(result.stdout, 'point');
+  }
+
+  restoreArgs(host: string): string[] {
+    return ['--receiver', this.receiver.url, '--fingerprint', this.receiver.fingerprint, '--key-file', this.keyFile, '--host', host];
+  }
+
+  async points(host: string): Promise<any[]> {
+    return (await runJson<{ points: any[] }>('restore', ['points', ...this.restoreArgs(host)], { TIDEMARK_TOKEN: this.restoreToken })).points;
+  }
+
+  async restore(host: string, disk: string, pointId: number, to: string): Promise<any> {
+    return runJson('restore', ['disk', ...this.restoreArgs(host), '--disk', disk, '--point', String(pointId), '--to', to], { TIDEMARK_TOKEN: this.restoreToken });
+  }
+
+  async close(): Promise<void> {
+    await this.receiver?.stop();
+    rmSync(this.root, { recursive: true, force: true });
+  }
+}
+
+export function lastEvent(stdout: string, event: string): any {
+  const events = stdout.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as { event: string });
+  const found = events.filter((e) => e.event === event).at(-1);
+  if (!found) throw new Error(`no "${event}" event in output: ${stdout.slice(-500)}`);
+  return found;
+}

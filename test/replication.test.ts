@@ -1,0 +1,174 @@
+// End to end through real processes: receiver, agent and restore CLIs on loopback.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { copyFileSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { Deployment, collect, runJson, spawnCli } from './harness.js';
+import { changeBlocks, sha256File, writeMixedImage } from './fixtures.js';
+
+const MiB = 1024 * 1024;
+
+describe('replication end to end', () => {
+  let d: Deployment;
+  let disk: string;
+
+  before(async () => {
+    d = await Deployment.start();
+    await d.enroll('alpha');
+    disk = join(d.root, 'alpha-disk.img');
+    await writeMixedImage(disk, 48 * MiB, 1);
+  });
+  after(() => d.close());
+
+  it('round trip: an initial sync restores byte-identical', async () => {
+    const result = await d.syncOnce('alpha', [disk]);
+    assert.equal(result.initial, true);
+    assert.equal(result.crashConsistent, true);
+    assert.ok(result.chunksUploaded > 0);
+    const [point] = await d.points('alpha');
+    assert.equal(point.id, result.pointId);
+    assert.equal(point.disks[0].name, disk);
+    assert.equal(point.disks[0].sizeBytes, 48 * MiB);
+    const out = join(d.root, 'round-trip.img');
+    const restored = await d.restore('alpha', disk, point.id, out);
+    assert.equal(await sha256File(out), await sha256File(disk));
+    // Sparse: zero regions of the source stay holes in the restored image.
+    assert.ok(statSync(out).blocks * 512 < 48 * MiB, 'restored image is sparse');
+    assert.ok(restored.bytesWritten < 48 * MiB);
+  });
+
+  it('dedup: a second disk with the same content adds no chunk data', async () => {
+    const twin = join(d.root, 'alpha-twin.img');
+    copyFileSync(disk, twin);
+    const before = await d.receiver.status();
+    const result = await d.syncOnce('alpha', [disk, twin]);
+    const afterStatus = await d.receiver.status();
+    assert.equal(result.chunksUploaded, 0);
+    assert.ok(result.chunksDeduplicated > 0);
+    assert.equal(afterStatus.storedChunkBytes, before.storedChunkBytes);
+    assert.equal(afterStatus.storedChunks, before.storedChunks);
+    const points = await d.points('alpha');
+    const out = join(d.root, 'twin.img');
+    await d.restore('alpha', twin, points.at(-1).id, out);
+    assert.equal(await sha256File(out), await sha256File(twin));
+  });
+
+  it('incremental: N changed blocks ship exactly N chunks, and each point restores its own version', async () => {
+    const beforeChange = join(d.root, 'before-change.img');
+    copyFileSync(disk, beforeChange);
+    const pointBefore = (await d.points('alpha')).at(-1).id;
+    const changed = await changeBlocks(disk, 64 * 1024, 9, 42);
+    const statusBefore = await d.receiver.status();
+    const result = await d.syncOnce('alpha', [disk]);
+    const statusAfter = await d.receiver.status();
+    assert.equal(result.initial, false);
+    assert.equal(result.blocksChanged, changed.length);
+    assert.equal(result.chunksUploaded, changed.length);
+    assert.equal(statusAfter.storedChunks - statusBefore.storedChunks, changed.length, 'receiver stored exactly the changed blocks');
+    const points = await d.points('alpha');
+    const newest = points.at(-1);
+    assert.equal(newest.id, result.pointId);
+    assert.equal(newest.disks.find((x: any) => x.name === disk).changedBytes, changed.length * 64 * 1024);
+    const outOld = join(d.root, 'old.img');
+    const outNew = join(d.root, 'new.img');
+    await d.restore('alpha', disk, pointBefore, outOld);
+    await d.restore('alpha', disk, newest.id, outNew);
+    assert.equal(await sha256File(outOld), await sha256File(beforeChange));
+    assert.equal(await sha256File(outNew), await sha256File(disk));
+  });
+
+  it('a rewrite with identical content ships nothing', async () => {
+    const blockAt = 5 * 64 * 1024;
+    const fd = readFileSync(disk).subarray(blockAt, blockAt + 64 * 1024);
+    const image = readFileSync(disk);
+    fd.copy(image, blockAt);
+    writeFileSync(disk, image);
+    const result = await d.syncOnce('alpha', [disk]);
+    assert.equal(result.blocksChanged, 0);
+    assert.equal(result.chunksUploaded, 0);
+  });
+
+  it('restore --at picks the newest point at or before the time', async () => {
+    const points = await d.points('alpha');
+    const target = points[1];
+    const out = join(d.root, 'at.img');
+    const result = await runJson('restore', ['disk', ...d.restoreArgs('alpha'), '--disk', disk, '--at', target.time, '--to', out], { TIDEMARK_TOKEN: d.restoreToken });
+    assert.equal(result.point, target.id);
+  });
+});
+
+describe('interrupted initial sync', () => {
+  let d: Deployment;
+  after(() => d.close());
+
+  it('resumes after SIGKILL without re-sending committed chunks, and restores identical', async () => {
+    d = await Deployment.start();
+    const state = await d.enroll('beta');
+    const disk = join(d.root, 'beta-disk.img');
+    await writeMixedImage(disk, 64 * MiB, 7);
+    // --bwlimit slows the sync so that it can be killed in the middle.
+    const child = spawnCli('agent', ['run', '--once', '--json', '--state', state, '--disk', disk, '--bwlimit', '12M']);
+    let killedAt = 0;
+    child.stdout!.on('data', (chunk: Buffer) => {
+      for (const line of chunk.toString().split('\n').filter((l) => l.startsWith('{'))) {
+        const event = JSON.parse(line);
+        if (event.event === 'progress' && event.percent >= 40 && !killedAt) {
+          killedAt = event.percent;
+          child.kill('SIGKILL');
+        }
+      }
+    });
+    const first = await collect(child);
+    assert.equal(first.signal, 'SIGKILL', `agent was killed mid-sync (exit ${first.code}: ${first.stderr})`);
+    assert.deepEqual(await d.points('beta'), [], 'no point is visible after an interrupted sync');
+    const storedAtKill = (await d.receiver.status()).storedChunks;
+    assert.ok(storedAtKill > 0, 'some chunks were stored before the kill');
+
+    const result = await d.syncOnce('beta', [disk]);
+    const storedAfter = (await d.receiver.status()).storedChunks;
+    assert.equal(result.resumed, true, 'the open point of the killed run was continued');
+    assert.equal(storedAtKill + result.chunksUploaded, storedAfter, 'no chunk was uploaded twice');
+    assert.ok(result.chunksUploaded < storedAfter, 'the resumed sync did not start over');
+    assert.equal(result.crashConsistent, true);
+    const out = join(d.root, 'beta-restored.img');
+    await d.restore('beta', disk, result.pointId, out);
+    assert.equal(await sha256File(out), await sha256File(disk));
+  });
+});
+
+describe('zero knowledge at rest', () => {
+  let d: Deployment;
+  after(() => d.close());
+
+  it('a marker written to the disk appears nowhere in the receiver data directory', async () => {
+    d = await Deployment.start();
+    await d.enroll('gamma');
+    const disk = join(d.root, 'gamma-disk.img');
+    await writeMixedImage(disk, 8 * MiB, 3);
+    const marker = 'TIDEMARK-SECRET-MARKER-7f3a9c';
+    const image = readFileSync(disk);
+    for (let offset = 0; offset < image.length; offset += 256 * 1024) image.write(marker.repeat(100), offset);
+    writeFileSync(disk, image);
+    const result = await d.syncOnce('gamma', [disk]);
+    assert.ok(result.chunksUploaded > 0);
+    await d.receiver.stop(); // flush the WAL into the files we search
+    const needles = [Buffer.from(marker), Buffer.from(marker, 'utf16le'), Buffer.from(marker).toString('base64').slice(0, 24)].map((n) => Buffer.from(n));
+    let filesSearched = 0;
+    const walk = (dir: string) => {
+      for (const entry of readdirSync(dir, { withFileTypes: true })) {
+        const path = join(dir, entry.name);
+        if (entry.isDirectory()) walk(path);
+        else {
+          filesSearched++;
+          const content = readFileSync(path);
+          for (const needle of needles) assert.equal(content.indexOf(needle), -1, `marker found in ${path}`);
+        }
+      }
+    };
+    walk(d.receiver.dataDir);
+    assert.ok(filesSearched >= 4, 'searched the catalog, packs and TLS files');
+    // The search can find it: the plaintext disk does contain it.
+    assert.ok(readFileSync(disk).indexOf(needles[0]!) >= 0);
+  });
+});
+
