@@ -1,0 +1,146 @@
+// Bad input of every kind gets a clear one-line error and a distinct exit
+// code; the receiver stays up and committed data stays intact.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { readFileSync } from 'node:fs';
+import { join } from 'node:path';
+import WebSocket from 'ws';
+import { connectPinned } from '../shared/connection.js';
+import { encodeFrame, MAX_FRAME_BYTES, PROTOCOL_HEADER, SESSION_PATH } from '../shared/protocol.js';
+import { Packr } from 'msgpackr';
+import { Deployment, runCli } from './harness.js';
+import { sha256File, writeMixedImage } from './fixtures.js';
+
+const MiB = 1024 * 1024;
+
+function oneLine(stderr: string): string {
+  const lines = stderr.trim().split('\n');
+  assert.equal(lines.length, 1, `expected a one-line error, got:\n${stderr}`);
+  return lines[0]!;
+}
+
+/** A raw WebSocket with a valid host credential, to send what no honest client sends. */
+async function rawSession(d: Deployment, credential: string): Promise<WebSocket> {
+  const url = new URL(d.receiver.url);
+  const socket = await connectPinned(url, d.receiver.fingerprint);
+  const ws = new WebSocket(new URL(SESSION_PATH, url), {
+    createConnection: () => socket,
+    headers: { authorization: `Bearer ${credential}`, [PROTOCOL_HEADER]: '1' },
+    perMessageDeflate: false,
+    maxPayload: MAX_FRAME_BYTES,
+  });
+  await new Promise((resolve, reject) => ws.once('open', resolve).once('error', reject));
+  return ws;
+}
+
+/** Sends one frame and waits for the receiver to close; returns the close code and any error frame. */
+async function sendAndAwaitClose(ws: WebSocket, frame: Buffer | string): Promise<{ code: number; error?: any }> {
+  let error: any;
+  ws.on('message', (data: Buffer) => (error = new Packr({ mapsAsObjects: true }).unpack(data)));
+  const closed = new Promise<number>((resolve) => ws.once('close', (code) => resolve(code)));
+  ws.on('error', () => {});
+  ws.send(frame, { binary: typeof frame !== 'string' });
+  return { code: await closed, error };
+}
+
+describe('bad input', () => {
+  let d: Deployment;
+  let disk: string;
+  let state: string;
+  let committedSha: string;
+  let pointId: number;
+
+  before(async () => {
+    d = await Deployment.start();
+    state = await d.enroll('delta');
+    disk = join(d.root, 'delta.img');
+    await writeMixedImage(disk, 8 * MiB, 11);
+    pointId = (await d.syncOnce('delta', [disk])).pointId;
+    committedSha = await sha256File(disk);
+  });
+  after(() => d.close());
+
+  it('wrong passphrase: exit 3 and a line naming the fix', async () => {
+    const r = await runCli('agent', ['run', '--once', '--state', state, '--disk', disk], { TIDEMARK_PASSPHRASE: 'not the passphrase' });
+    assert.equal(r.code, 3);
+    assert.match(oneLine(r.stderr), /wrong passphrase .*TIDEMARK_PASSPHRASE/);
+    const restore = await runCli('restore', ['points', ...d.restoreArgs('delta')], { TIDEMARK_TOKEN: d.restoreToken, TIDEMARK_PASSPHRASE: 'nope nope nope' });
+    assert.equal(restore.code, 3);
+  });
+
+  it('missing passphrase: usage error', async () => {
+    const r = await runCli('agent', ['run', '--once', '--state', state, '--disk', disk], { TIDEMARK_PASSPHRASE: '' });
+    assert.equal(r.code, 2);
+    assert.match(oneLine(r.stderr), /no passphrase/);
+  });
+
+  it('wrong fingerprint: exit 7 before any credential is sent', async () => {
+    const wrong = 'AB:'.repeat(31) + 'AB';
+    const r = await runCli('restore', ['points', '--receiver', d.receiver.url, '--fingerprint', wrong, '--key-file', d.keyFile, '--host', 'delta'], { TIDEMARK_TOKEN: d.restoreToken });
+    assert.equal(r.code, 7);
+    assert.match(oneLine(r.stderr), /fingerprint .*not the pinned one/);
+  });
+
+  it('receiver unreachable: exit 4', async () => {
+    const r = await runCli('restore', ['points', '--receiver', 'wss://127.0.0.1:1', '--fingerprint', d.receiver.fingerprint, '--key-file', d.keyFile], { TIDEMARK_TOKEN: d.restoreToken });
+    assert.equal(r.code, 4);
+    assert.match(oneLine(r.stderr), /unreachable/);
+  });
+
+  it('unknown and reused enrollment tokens: exit 6', async () => {
+    const enroll = (host: string, token: string) => runCli('agent', ['enroll', '--state', join(d.root, `state-${host}`), '--receiver', d.receiver.url,
+      '--fingerprint', d.receiver.fingerprint, '--key-file', d.keyFile, '--host', host], { TIDEMARK_TOKEN: token });
+    const unknown = await enroll('eps', 'tmenroll_thisTokenWasNeverIssued');
+    assert.equal(unknown.code, 6);
+    assert.match(oneLine(unknown.stderr), /enrollment token unknown or already used/);
+    const token = await d.receiver.token();
+    assert.equal((await enroll('zeta', token)).code, 0);
+    const reused = await enroll('eta', token);
+    assert.equal(reused.code, 6);
+    assert.match(oneLine(reused.stderr), /enrollment token unknown or already used/);
+  });
+
+  it('an unknown credential is refused on the upgrade', async () => {
+    const r = await runCli('restore', ['points', ...d.restoreArgs('delta')], { TIDEMARK_TOKEN: 'tmrestore_forged' });
+    assert.equal(r.code, 6);
+    assert.match(oneLine(r.stderr), /credential not recognized/);
+  });
+
+  it('a restore token cannot write', async () => {
+    const ws = await rawSession(d, d.restoreToken);
+    const replies: any[] = [];
+    ws.on('message', (data: Buffer) => replies.push(new Packr({ mapsAsObjects: true }).unpack(data)));
+    ws.send(encodeFrame({ t: 'hello', rid: 1, vaultId: '0'.repeat(32) }));
+    ws.send(encodeFrame({ t: 'point.begin', rid: 2, resume: null }));
+    await new Promise((r) => setTimeout(r, 300));
+    ws.close();
+    const begin = replies.find((m) => m.rid === 2);
+    assert.equal(begin?.t, 'error');
+    assert.equal(begin?.code, 'E_FORBIDDEN');
+  });
+
+  for (const [name, frame, expectedClose] of [
+    ['garbage bytes', Buffer.from('this is not msgpack at all \x00\xff\xc1'), 1002],
+    ['a truncated frame', encodeFrame({ t: 'chunk.put', rid: 7, id: Buffer.alloc(32, 1), data: Buffer.alloc(4096, 2) }).subarray(0, 100), 1002],
+    ['an unknown message type', encodeFrame({ t: 'point.delete', rid: 8, pointId: 1 }), 1002],
+    ['a malformed message', encodeFrame({ t: 'chunks.query', rid: 9, ids: ['not binary'] }), 1002],
+    ['a text frame', 'hello', 1003],
+    ['an oversized frame', Buffer.alloc(MAX_FRAME_BYTES + 1), 1009],
+  ] as const) {
+    it(`${name} closes the session with ${expectedClose}; the receiver stays up`, async () => {
+      const credential = readFileSync(join(state, 'credential'), 'utf8').trim();
+      const ws = await rawSession(d, credential);
+      const { code, error } = await sendAndAwaitClose(ws, frame as Buffer | string);
+      assert.equal(code, expectedClose);
+      if (expectedClose === 1002) assert.equal(error?.code, 'E_PROTOCOL');
+    });
+  }
+
+  it('after all that, the receiver serves and committed data is intact', async () => {
+    const points = await d.points('delta');
+    assert.deepEqual(points.map((p) => p.id), [pointId]);
+    const out = join(d.root, 'intact.img');
+    await d.restore('delta', disk, pointId, out);
+    assert.equal(await sha256File(out), committedSha);
+  });
+});

@@ -1,0 +1,32 @@
+import { describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { decodeReply, decodeRequest, encodeFrame, errorFrame, okFrame } from '../../shared/protocol.js';
+import { TidemarkError } from '../../shared/errors.js';
+
+const protocolError = (re: RegExp) => (e: unknown) => e instanceof TidemarkError && e.code === 'E_PROTOCOL' && re.test(e.message);
+
+describe('protocol frames', () => {
+  it('decodes a valid request with binary fields as Buffers', () => {
+    const req = decodeRequest(encodeFrame({ t: 'chunk.get', rid: 3, id: Buffer.alloc(32, 9) }));
+    assert.equal(req.t, 'chunk.get');
+    assert.ok(req.t === 'chunk.get' && Buffer.isBuffer(req.id));
+  });
+
+  it('names what is wrong with a bad request', () => {
+    assert.throws(() => decodeRequest(encodeFrame({ t: 'hello', rid: 1, vaultId: 'x' }).subarray(0, 9)), protocolError(/not valid msgpack/));
+    assert.throws(() => decodeRequest(encodeFrame([1, 2])), protocolError(/not a msgpack map/));
+    assert.throws(() => decodeRequest(encodeFrame({ t: 'nope', rid: 1 })), protocolError(/unknown message type/));
+    assert.throws(() => decodeRequest(encodeFrame({ t: 'chunk.get', rid: 1, id: Buffer.alloc(31) })), protocolError(/malformed chunk.get: id/));
+    assert.throws(() => decodeRequest(encodeFrame({ t: 'disk.register', rid: 1, name: 'd', sizeBytes: 1, sectorBytes: 512, blockBytes: 3000 })), protocolError(/blockBytes/));
+    assert.throws(() => decodeRequest(encodeFrame({ t: 'blocks.put', rid: 1, pointId: 1, diskId: 1, blocks: [1, 2], ids: [null] })), protocolError(/differ in length/));
+    assert.throws(() => decodeRequest(encodeFrame({ t: 'chunks.query', rid: 1, ids: Array(4097).fill(Buffer.alloc(32)) })), protocolError(/ids/));
+  });
+
+  it('round-trips replies and errors with their stable codes', () => {
+    const ok = decodeReply(okFrame(5, { pointId: 9 }));
+    assert.equal(ok.t, 'ok');
+    assert.equal(ok.rid, 5);
+    const err = decodeReply(errorFrame(6, new TidemarkError('E_FORBIDDEN', 'no')));
+    assert.ok(err.t === 'error' && err.error.code === 'E_FORBIDDEN' && err.rid === 6 && !err.error.retryable);
+  });
+});
