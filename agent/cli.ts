@@ -1,4 +1,5 @@
 // tidemark-agent: enroll, scan, run, status (CLI contract: DESIGN §9, README).
+import { resolve } from 'node:path';
 import { Command, Option } from 'commander';
 import { VaultKeys } from '../shared/chunk-crypto.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
@@ -69,12 +70,18 @@ program.command('run')
     const intervalMs = parseDurationMs(opts.interval);
     const bytesPerSecond = opts.bwlimit ? parseSizeBytes(opts.bwlimit) : 0;
     const state = AgentState.open(opts.state, { mustBeEnrolled: true });
-    const log = createLogger('tidemark-agent');
+    const log = createLogger('tidemark-agent', opts.once ? 'warn' : 'info');
     try {
       const keys = VaultKeys.fromMaster(openKeyFile(state.enrollment()!.keyFile, readPassphrase(opts.passphraseFile)));
       state.saveStatus({ tracker: 'scan', reason: opts.tracker === 'auto' ? 'hash scan (kernel tracking is not available in this version)' : 'hash scan' });
-      const sync = () => syncOnce({ state, keys, diskPaths: opts.disk, blockBytes: blockBytes || DEFAULT_BLOCK_BYTES, bytesPerSecond, json: !!opts.json, log });
-      if (opts.once) return reportResult(await sync(), !!opts.json);
+      // Disks are named by absolute path: `disk.img` and `./disk.img` are one disk.
+      const sync = () => syncOnce({ state, keys, diskPaths: opts.disk.map((p) => resolve(p)), blockBytes: blockBytes || DEFAULT_BLOCK_BYTES, bytesPerSecond, json: !!opts.json, log });
+      if (opts.once) {
+        const result = await sync();
+        reportResult(result, !!opts.json);
+        if (result.crashConsistent) state.saveStatus({ reason: 'run --once finished; changes are not replicated until the next run' });
+        return;
+      }
       await runContinuously(state, sync, intervalMs, !!opts.json, log);
     } catch (err) {
       const error = asTidemarkError(err);

@@ -6,7 +6,7 @@
 // written while it ran (change counters equal before and after); otherwise
 // another pass re-reads and ships what moved, up to MAX_PASSES, after which
 // the point is committed flagged as *not* crash-consistent.
-import { open, type FileHandle } from 'node:fs/promises';
+import { existsSync } from 'node:fs';
 import { xxh3 } from '@node-rs/xxhash';
 import { chunkId, sealChunk, type VaultKeys } from '../shared/chunk-crypto.js';
 import { ReceiverConnection } from '../shared/connection.js';
@@ -15,6 +15,7 @@ import type { Logger } from '../shared/log.js';
 import { Progress, ProgressReporter } from '../shared/progress.js';
 import { MAX_IDS_PER_QUERY, SESSION_PATH } from '../shared/protocol.js';
 import { changeCounters } from './change-counter.js';
+import { DiskReader } from './disk-reader.js';
 import { describeDisk, isZeroBlock } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
 
@@ -85,16 +86,15 @@ export async function syncOnce(opts: SyncOptions): Promise<SyncResult> {
     await conn.request('hello', { vaultId: opts.keys.vaultId });
     state.saveStatus({ state: 'Scanning', reason: 'reading disk geometry' });
     const registered = await Promise.all(opts.diskPaths.map((path) => registerDisk(conn, state, path, opts.blockBytes)));
-    const initial = registered.some((r) => !r.target.record.hasBaseline);
-
-    const begun = await conn.request('point.begin', { resume: registered.every((r) => r.resumable) ? state.openPointId() : null });
-    if (!begun.resumed) {
-      for (const { target, fill } of registered) {
-        target.record.watermark = 0;
-        state.saveDisk(target.record);
-        state.startPending(target.record, target.blockCount, fill);
-      }
+    const begun = await conn.request('point.begin', { resume: state.openPointId() });
+    for (const { target, fill, resumable } of registered) {
+      if (begun.resumeCommitted && resumable) adoptCommittedPending(state, target.record);
+      if (begun.resumed && resumable) continue;
+      target.record.watermark = 0;
+      state.saveDisk(target.record);
+      state.startPending(target.record, target.blockCount, target.record.hasBaseline ? UNKNOWN_HASH : fill);
     }
+    const initial = registered.some((r) => !r.target.record.hasBaseline);
     state.setOpenPointId(begun.pointId);
     const targets = registered.map((r) => r.target);
     opts.log.info({ pointId: begun.pointId, resumed: begun.resumed, initial }, 'sync started');
@@ -137,6 +137,18 @@ export async function syncOnce(opts: SyncOptions): Promise<SyncResult> {
   }
 }
 
+/**
+ * The point this agent was building was committed, but the agent stopped
+ * before recording it: its pending hashes describe that point exactly.
+ */
+function adoptCommittedPending(state: AgentState, record: DiskRecord): void {
+  if (!existsSync(state.hashPath(record.diskId, 'pending'))) return;
+  state.promotePending(record.diskId);
+  record.hasBaseline = true;
+  record.watermark = 0;
+  state.saveDisk(record);
+}
+
 async function registerDisk(conn: ReceiverConnection, state: AgentState, path: string, blockBytes: number) {
   const info = await describeDisk(path, { measureData: false });
   const known = state.disk(path);
@@ -164,13 +176,13 @@ async function scanPass(
   for (const target of targets) {
     const { record } = target;
     const hashes = HashFile.open(opts.state.hashPath(record.diskId, 'pending'));
-    let file: FileHandle | undefined;
+    const batchBlocks = Math.max(1, Math.floor(READ_BATCH_BYTES / record.blockBytes));
+    let reader: DiskReader | undefined;
     try {
-      file = await open(record.path, 'r');
-      const batchBlocks = Math.max(1, Math.floor(READ_BATCH_BYTES / record.blockBytes));
+      reader = await DiskReader.open(record.path, batchBlocks * record.blockBytes);
       for (let first = start(target); first < target.blockCount; first += batchBlocks) {
         const count = Math.min(batchBlocks, target.blockCount - first);
-        const data = await readFully(file, first * record.blockBytes, Math.min(count * record.blockBytes, record.sizeBytes - first * record.blockBytes));
+        const data = await reader.read(first * record.blockBytes, Math.min(count * record.blockBytes, record.sizeBytes - first * record.blockBytes));
         const known = hashes.read(first, count);
         const changed: number[] = [];
         for (let i = 0; i < count; i++) {
@@ -183,8 +195,10 @@ async function scanPass(
         if (changed.length > 0) {
           target.changedBytes += await shipBlocks(conn, opts.keys, pointId, record, first, data, changed, totals);
         }
-        // Order matters for resume: the receiver staged the blocks before we record them as done.
+        // Order matters for resume: the receiver staged the blocks, then their hashes are durable,
+        // then the watermark says they are done.
         hashes.write(first, known);
+        hashes.sync();
         opts.state.setWatermark(record.path, first + count);
         totals.bytesRead += data.length;
         progress.add(data.length);
@@ -195,10 +209,9 @@ async function scanPass(
           opts.state.saveStatus({ progress: snapshot, backlogBytes: snapshot.bytesTotal - snapshot.bytesDone });
         }
       }
-      hashes.sync();
     } finally {
       hashes.close();
-      await file?.close();
+      await reader?.close();
     }
   }
   reporter.report(progress, true);
@@ -207,17 +220,6 @@ async function scanPass(
 
 function blockOf(data: Buffer, index: number, blockBytes: number): Buffer {
   return data.subarray(index * blockBytes, Math.min((index + 1) * blockBytes, data.length));
-}
-
-async function readFully(file: FileHandle, position: number, length: number): Promise<Buffer> {
-  const buffer = Buffer.allocUnsafe(length);
-  let done = 0;
-  while (done < length) {
-    const { bytesRead } = await file.read(buffer, done, length - done, position + done);
-    if (bytesRead === 0) throw new TidemarkError('E_DISK', `disk shrank while reading: short read at byte ${position + done}`);
-    done += bytesRead;
-  }
-  return buffer;
 }
 
 /**

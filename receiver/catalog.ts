@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS chunk (
   vault_id TEXT NOT NULL, id BLOB NOT NULL, pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
   PRIMARY KEY (vault_id, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS point (
-  id INTEGER PRIMARY KEY, host_id INTEGER NOT NULL REFERENCES host(id),
+  -- AUTOINCREMENT: ids are never reused, so a host's open point always has its largest id.
+  id INTEGER PRIMARY KEY AUTOINCREMENT, host_id INTEGER NOT NULL REFERENCES host(id),
   state TEXT NOT NULL CHECK (state IN ('open', 'committed')),
   time_ms INTEGER, crash_consistent INTEGER, committed_ms INTEGER);
 CREATE INDEX IF NOT EXISTS point_by_host ON point (host_id, state, id);
@@ -162,13 +163,15 @@ export class Catalog {
    * A host has at most one open point. `resume` continues it (an interrupted
    * sync keeps what it staged); anything else discards it and opens a new one.
    */
-  beginPoint(hostId: number, resume: number | null): { pointId: number; resumed: boolean } {
+  beginPoint(hostId: number, resume: number | null): { pointId: number; resumed: boolean; resumeCommitted: boolean } {
     return this.db.transaction(() => {
       const open = this.db.prepare(`SELECT id FROM point WHERE host_id = ? AND state = 'open'`).pluck().get(hostId) as number | undefined;
-      if (open !== undefined && open === resume) return { pointId: open, resumed: true };
+      if (open !== undefined && open === resume) return { pointId: open, resumed: true, resumeCommitted: false };
       if (open !== undefined) this.discardOpenPoint(open);
+      const resumeCommitted = resume !== null &&
+        this.db.prepare(`SELECT 1 FROM point WHERE id = ? AND host_id = ? AND state = 'committed'`).get(resume, hostId) !== undefined;
       const pointId = Number(this.db.prepare(`INSERT INTO point (host_id, state) VALUES (?, 'open')`).run(hostId).lastInsertRowid);
-      return { pointId, resumed: false };
+      return { pointId, resumed: false, resumeCommitted };
     }).immediate();
   }
 
@@ -199,6 +202,7 @@ export class Catalog {
   commitPoint(hostId: number, pointId: number, timeMs: number, crashConsistent: boolean, disks: Array<{ diskId: number; changedBytes: number }>): void {
     this.db.transaction(() => {
       if (!this.openPointOf(hostId, pointId)) throw new TidemarkError('E_CONFLICT', `point ${pointId} is not open for this host (already committed or discarded)`);
+      if (new Set(disks.map((d) => d.diskId)).size !== disks.length) throw new TidemarkError('E_PROTOCOL', 'point.commit names a disk twice');
       const changed = this.db.prepare(`SELECT COUNT(*) FROM block_version WHERE disk_id = ? AND point_id = ?`).pluck();
       const insert = this.db.prepare(`INSERT INTO point_disk (point_id, disk_id, size_bytes, changed_blocks, changed_bytes) VALUES (?, ?, ?, ?, ?)`);
       for (const d of disks) {
@@ -211,20 +215,25 @@ export class Catalog {
     }).immediate();
   }
 
-  /** Committed points, oldest first, of the hosts a principal may read. */
-  listPoints(vaultId: string, hostName: string | null): PointInfo[] {
-    const points = this.db.prepare(`
+  /** A page of committed points, oldest first, of the hosts a principal may read; `next` continues it. */
+  listPoints(vaultId: string, hostName: string | null, afterId: number | null, limit: number): { points: PointInfo[]; next: number | null } {
+    const rows = this.db.prepare(`
       SELECT p.id, h.name AS host, p.time_ms AS timeMs, p.committed_ms AS committedMs, p.crash_consistent AS cc
       FROM point p JOIN host h ON h.id = p.host_id
-      WHERE p.state = 'committed' AND h.vault_id = ? AND (? IS NULL OR h.name = ?)
-      ORDER BY p.id`).all(vaultId, hostName, hostName) as Array<{ id: number; host: string; timeMs: number; committedMs: number; cc: number }>;
+      WHERE p.state = 'committed' AND h.vault_id = ? AND (? IS NULL OR h.name = ?) AND p.id > ?
+      ORDER BY p.id LIMIT ?`).all(vaultId, hostName, hostName, afterId ?? 0, limit + 1) as Array<{ id: number; host: string; timeMs: number; committedMs: number; cc: number }>;
+    const points = rows.slice(0, limit);
+    const next = rows.length > limit ? points.at(-1)!.id : null;
     const disks = this.db.prepare(`
       SELECT d.id AS diskId, d.name, pd.size_bytes AS sizeBytes, d.block_bytes AS blockBytes, pd.changed_bytes AS changedBytes
       FROM point_disk pd JOIN disk d ON d.id = pd.disk_id WHERE pd.point_id = ? ORDER BY d.name`);
-    return points.map((p) => ({
-      id: p.id, host: p.host, timeMs: p.timeMs, committedMs: p.committedMs, crashConsistent: p.cc === 1,
-      disks: disks.all(p.id) as PointInfo['disks'],
-    }));
+    return {
+      points: points.map((p) => ({
+        id: p.id, host: p.host, timeMs: p.timeMs, committedMs: p.committedMs, crashConsistent: p.cc === 1,
+        disks: disks.all(p.id) as PointInfo['disks'],
+      })),
+      next,
+    };
   }
 
   /** Host name and vault of a committed point, for authorization. */

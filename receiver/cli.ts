@@ -33,6 +33,7 @@ program.command('serve')
     const server = await ReceiverServer.start(dir, match[1]!.replace(/^\[|\]$/g, ''), Number(match[2]), log);
     const address = server.address();
     log.info({ host: address.address, port: address.port, fingerprint: dir.fingerprint }, 'listening');
+    process.stdout.write(`listening on ${address.address}:${address.port} (fingerprint ${dir.fingerprint})\n`);
     await new Promise<void>((resolve) => {
       const stop = (signal: string) => {
         log.info({ signal }, 'shutting down');

@@ -7,7 +7,7 @@ import type WebSocket from 'ws';
 import { checkEnvelopeShape } from '../shared/chunk-crypto.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
-import { MAX_BLOCK_BYTES, decodeRequest, errorFrame, okFrame, peekRid, type Request } from '../shared/protocol.js';
+import { MAX_BLOCK_BYTES, MAX_POINTS_PAGE, decodeRequest, errorFrame, okFrame, peekRid, type Request } from '../shared/protocol.js';
 import type { Catalog, Principal } from './catalog.js';
 import type { ChunkStore } from './pack-store.js';
 
@@ -89,7 +89,7 @@ export class Session {
     switch (req.t) {
       case 'points.list': {
         if (p.role === 'agent' && req.host !== null && req.host !== p.host) throw this.otherHost(req.host);
-        return { points: this.ctx.catalog.listPoints(vaultId, p.role === 'agent' ? p.host : req.host) };
+        return this.ctx.catalog.listPoints(vaultId, p.role === 'agent' ? p.host : req.host, req.afterId, MAX_POINTS_PAGE);
       }
       case 'point.map': {
         this.readablePoint(p, vaultId, req.pointId);

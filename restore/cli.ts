@@ -43,6 +43,17 @@ async function connect(opts: ConnectOptions): Promise<{ conn: ReceiverConnection
   return { conn, keys };
 }
 
+async function listPoints(conn: ReceiverConnection, host: string | null): Promise<PointInfo[]> {
+  const points: PointInfo[] = [];
+  let afterId: number | null = null;
+  do {
+    const page: { points: PointInfo[]; next: number | null } = await conn.request('points.list', { host, afterId });
+    points.push(...page.points);
+    afterId = page.next;
+  } while (afterId !== null);
+  return points;
+}
+
 function pointJson(p: PointInfo) {
   return {
     id: p.id, host: p.host, time: new Date(p.timeMs).toISOString(), committedAt: new Date(p.committedMs).toISOString(), crashConsistent: p.crashConsistent,
@@ -60,7 +71,8 @@ function choosePoint(points: PointInfo[], opts: { point?: string; at?: string; h
   }
   const atMs = Date.parse(opts.at!);
   if (Number.isNaN(atMs)) throw new TidemarkError('E_USAGE', `invalid --at "${opts.at}": use an ISO-8601 time such as 2026-11-21T10:00:00Z`);
-  const found = points.filter((p) => p.timeMs <= atMs).at(-1);
+  // Newest by cut time (a later point wins a tie), whatever order the ids are in.
+  const found = points.filter((p) => p.timeMs <= atMs).reduce<PointInfo | undefined>((best, p) => (!best || p.timeMs >= best.timeMs ? p : best), undefined);
   if (!found) throw new TidemarkError('E_NOT_FOUND', `host ${opts.host} has no point at or before ${new Date(atMs).toISOString()}`);
   return found;
 }
@@ -71,7 +83,7 @@ withConnectOptions(program.command('points').description('list recovery points, 
   .action(async (opts: ConnectOptions) => {
     const { conn } = await connect(opts);
     try {
-      const { points } = await conn.request('points.list', { host: opts.host ?? null });
+      const points = await listPoints(conn, opts.host ?? null);
       if (opts.json) return printJson({ points: points.map(pointJson) });
       for (const p of points) {
         const disks = p.disks.map((d) => `${d.name} ${formatBytes(d.sizeBytes)} (+${formatBytes(d.changedBytes)})`).join(', ');
@@ -93,7 +105,7 @@ withConnectOptions(program.command('disk').description('restore one disk of a po
     if (opts.failback) throw new TidemarkError('E_USAGE', '--failback is not available in this version; restore to a new image or device');
     const { conn, keys } = await connect(opts);
     try {
-      const { points } = await conn.request('points.list', { host: opts.host });
+      const points = await listPoints(conn, opts.host);
       const point = choosePoint(points, opts);
       // Progress goes to a TTY on stderr only: with --json, stdout carries one document.
       const result = await restoreDisk(conn, keys, point, opts.disk, opts.to, false);

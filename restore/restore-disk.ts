@@ -57,10 +57,15 @@ export async function restoreDisk(
     while (from !== null) {
       const page: Awaited<ReturnType<typeof conn.request<'point.map'>>> = await conn.request('point.map', { pointId: point.id, diskId: disk.diskId, fromBlock: from, limit: MAX_MAP_PAGE });
       // Fetch each distinct chunk of the page once; write it to every block that holds it.
+      // Blocks past the end belong to a time the disk was larger: not part of this point.
+      const blockCount = Math.ceil(disk.sizeBytes / disk.blockBytes);
       const blocksById = new Map<string, number[]>();
       page.ids.forEach((id, i) => {
+        if (page.blocks[i]! >= blockCount) return;
         const key = id.toString('hex');
-        blocksById.set(key, [...(blocksById.get(key) ?? []), page.blocks[i]!]);
+        const blocks = blocksById.get(key);
+        if (blocks) blocks.push(page.blocks[i]!);
+        else blocksById.set(key, [page.blocks[i]!]);
       });
       const entries = [...blocksById.entries()];
       const fetchOne = async ([hex, blocks]: [string, number[]]) => {
@@ -81,6 +86,7 @@ export async function restoreDisk(
       if (isDevice) {
         // Keep device writes in block order so zero-filling can follow behind.
         for (const [i, block] of page.blocks.entries()) {
+          if (block >= blockCount) break;
           await writeZerosUpTo(block);
           await fetchOne([page.ids[i]!.toString('hex'), [block]]);
           nextZeroFrom = block + 1;

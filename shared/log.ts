@@ -4,11 +4,12 @@ import { pino, destination, type Logger } from 'pino';
 
 export type { Logger };
 
-export function createLogger(component: string): Logger {
+/** `defaultLevel`: services log `info`; one-shot commands only `warn` and worse, beside their human output. */
+export function createLogger(component: string, defaultLevel: 'info' | 'warn' = 'info'): Logger {
   return pino(
     {
       name: component,
-      level: process.env.TIDEMARK_LOG_LEVEL ?? 'info',
+      level: process.env.TIDEMARK_LOG_LEVEL || defaultLevel,
       // Never log a secret even if a caller passes one by mistake.
       redact: { paths: ['credential', 'token', 'passphrase', '*.credential', '*.token', '*.passphrase'], censor: '[redacted]' },
     },

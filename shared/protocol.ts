@@ -19,6 +19,7 @@ export const DEFAULT_BLOCK_BYTES = 64 * 1024;
 export const MAX_IDS_PER_QUERY = 4096;
 export const MAX_BLOCKS_PER_PUT = 8192;
 export const MAX_MAP_PAGE = 8192;
+export const MAX_POINTS_PAGE = 1000;
 /** Largest legal frame: a chunk.put of a maximal block, plus msgpack framing. */
 export const MAX_FRAME_BYTES = MAX_BLOCK_BYTES + CHUNK_OVERHEAD_BYTES + 1024;
 
@@ -53,7 +54,7 @@ export const requestSchemas = {
     t: z.literal('point.commit'), rid, pointId: uint, timeMs: uint, crashConsistent: z.boolean(),
     disks: z.array(z.object({ diskId: uint, changedBytes: uint })).max(256),
   }),
-  'points.list': z.object({ t: z.literal('points.list'), rid, host: name.nullable() }),
+  'points.list': z.object({ t: z.literal('points.list'), rid, host: name.nullable(), afterId: uint.nullable() }),
   'point.map': z.object({ t: z.literal('point.map'), rid, pointId: uint, diskId: uint, fromBlock: uint, limit: z.number().int().min(1).max(MAX_MAP_PAGE) }),
   'chunk.get': z.object({ t: z.literal('chunk.get'), rid, id: id32 }),
 } as const;
@@ -73,12 +74,18 @@ export const replySchemas = {
   enroll: z.object({ hostId: uint, credential: z.string() }),
   hello: z.object({ role: z.enum(['agent', 'restore']), host: name.nullable() }),
   'disk.register': z.object({ diskId: uint, hasHistory: z.boolean() }),
-  'point.begin': z.object({ pointId: uint, resumed: z.boolean() }),
+  'point.begin': z.object({
+    pointId: uint,
+    /** The open point named by `resume` was continued. */
+    resumed: z.boolean(),
+    /** The point named by `resume` had already been committed (the agent missed the reply). */
+    resumeCommitted: z.boolean(),
+  }),
   'chunks.query': z.object({ missing: z.array(uint) }),
   'chunk.put': z.object({ stored: z.boolean() }),
   'blocks.put': z.object({ staged: uint }),
   'point.commit': z.object({ pointId: uint }),
-  'points.list': z.object({ points: z.array(pointSchema) }),
+  'points.list': z.object({ points: z.array(pointSchema).max(MAX_POINTS_PAGE), next: uint.nullable() }),
   'point.map': z.object({ blocks: z.array(uint), ids: z.array(id32), next: uint.nullable() }),
   'chunk.get': z.object({ data: bin }),
 } satisfies Record<RequestType, z.ZodType>;

@@ -58,7 +58,7 @@ describe('bad input', () => {
     pointId = (await d.syncOnce('delta', [disk])).pointId;
     committedSha = await sha256File(disk);
   });
-  after(() => d.close());
+  after(() => d?.close());
 
   it('wrong passphrase: exit 3 and a line naming the fix', async () => {
     const r = await runCli('agent', ['run', '--once', '--state', state, '--disk', disk], { TIDEMARK_PASSPHRASE: 'not the passphrase' });

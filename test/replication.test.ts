@@ -18,7 +18,7 @@ describe('replication end to end', () => {
     disk = join(d.root, 'alpha-disk.img');
     await writeMixedImage(disk, 48 * MiB, 1);
   });
-  after(() => d.close());
+  after(() => d?.close());
 
   it('round trip: an initial sync restores byte-identical', async () => {
     const result = await d.syncOnce('alpha', [disk]);
@@ -99,7 +99,7 @@ describe('replication end to end', () => {
 
 describe('interrupted initial sync', () => {
   let d: Deployment;
-  after(() => d.close());
+  after(() => d?.close());
 
   it('resumes after SIGKILL without re-sending committed chunks, and restores identical', async () => {
     d = await Deployment.start();
@@ -138,7 +138,7 @@ describe('interrupted initial sync', () => {
 
 describe('zero knowledge at rest', () => {
   let d: Deployment;
-  after(() => d.close());
+  after(() => d?.close());
 
   it('a marker written to the disk appears nowhere in the receiver data directory', async () => {
     d = await Deployment.start();
@@ -172,3 +172,40 @@ describe('zero knowledge at rest', () => {
   });
 });
 
+
+describe('agent stopped between the commit reply and recording it', () => {
+  let d: Deployment;
+  after(() => d?.close());
+
+  // Reproduces the crash window by editing the agent's state files (SPEC §7) into what a
+  // SIGKILL at that instant leaves: the open point id still set, its hashes still pending.
+  it('learns from the receiver that the point was committed, and misses no later change', async () => {
+    d = await Deployment.start();
+    const state = await d.enroll('theta');
+    const disk = join(d.root, 'theta.img');
+    await writeMixedImage(disk, 4 * MiB, 5);
+    const original = readFileSync(disk);
+    await d.syncOnce('theta', [disk]);
+    const { default: Database } = await import('better-sqlite3');
+    const diskId = (new Database(join(state, 'state.db')).prepare('SELECT disk_id FROM disk').get() as { disk_id: number }).disk_id;
+    const shipped = join(state, 'hashes', `${diskId}.shipped`);
+    const hashesOfPoint1 = readFileSync(shipped);
+
+    await changeBlocks(disk, 64 * 1024, 3, 9);
+    const second = await d.syncOnce('theta', [disk]);
+    // The crash: point 2 committed on the receiver, but the agent still believes it open.
+    copyFileSync(shipped, join(state, 'hashes', `${diskId}.pending`));
+    writeFileSync(shipped, hashesOfPoint1);
+    const db = new Database(join(state, 'state.db'));
+    db.prepare(`INSERT OR REPLACE INTO config (key, value) VALUES ('openPointId', ?)`).run(String(second.pointId));
+    db.close();
+
+    writeFileSync(disk, original); // the changed blocks return to their point-1 content
+    const third = await d.syncOnce('theta', [disk]);
+    assert.equal(third.resumed, false);
+    assert.equal(third.blocksChanged, 3, 'the reverted blocks are shipped again');
+    const out = join(d.root, 'theta-restored.img');
+    await d.restore('theta', disk, third.pointId, out);
+    assert.equal(await sha256File(out), await sha256File(disk));
+  });
+});
