@@ -1,9 +1,10 @@
 // Disk discovery for the agent: what a path is (block device or image file),
 // how big it is, and how many of its blocks actually hold data.
-import { open } from 'node:fs/promises';
-import { existsSync, readFileSync, readdirSync, realpathSync, statSync, type Stats } from 'node:fs';
-import { basename, dirname } from 'node:path';
+import { existsSync, readFileSync, readdirSync, statSync, type Stats } from 'node:fs';
+import { dirname } from 'node:path';
+import { sysfsDir } from '../shared/block-device.js';
 import { TidemarkError } from '../shared/errors.js';
+import { DiskReader } from './disk-reader.js';
 
 export interface DiskInfo {
   /** The path as given (block devices: as given too, e.g. /dev/sdb1 or a by-id link). */
@@ -84,7 +85,7 @@ function describeImage(path: string, st: Stats): DiskInfo {
 }
 
 function describeBlockDevice(path: string, st: Stats): DiskInfo {
-  const sys = sysfsDeviceDir(path, st);
+  const sys = sysfsDir(path, st);
   const isPartition = existsSync(`${sys}/partition`);
   const wholeDisk = isPartition ? dirname(sys) : sys;
   return {
@@ -97,27 +98,6 @@ function describeBlockDevice(path: string, st: Stats): DiskInfo {
     parentDevMajorMinor: isPartition ? readSysText(`${wholeDisk}/dev`) : null,
     partitionStartSector: isPartition ? readSysNumber(`${sys}/start`) : 0,
   };
-}
-
-/**
- * The device's sysfs directory, symlinks resolved (so ".." of a partition is
- * its whole disk). Found by the node's device number via /sys/dev/block/MAJ:MIN,
- * which works for nodes with any name; falls back to /sys/class/block/NAME.
- */
-function sysfsDeviceDir(path: string, st: Stats): string {
-  const rdev = st.rdev;
-  // Linux dev_t encoding (glibc major()/minor()).
-  const major = ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
-  const minor = (rdev & 0xff) | ((rdev >>> 12) & ~0xff);
-  const candidates = [`/sys/dev/block/${major}:${minor}`, `/sys/class/block/${basename(realpathSync(path))}`];
-  for (const candidate of candidates) {
-    try {
-      return realpathSync(candidate);
-    } catch {
-      // try the next
-    }
-  }
-  throw new TidemarkError('E_DISK', `block device ${path} (${major}:${minor}) has no sysfs entry: is /sys mounted?`);
 }
 
 function readSysText(file: string): string {
@@ -139,44 +119,27 @@ async function measureDataBytes(
 ): Promise<number> {
   // A whole number of blocks per read, so no block straddles two reads.
   const chunkBytes = blockBytes * Math.max(1, Math.floor(READ_TARGET_BYTES / blockBytes));
-  const buf = Buffer.alloc(chunkBytes);
-  let handle;
+  let reader: DiskReader;
   try {
-    handle = await open(path, 'r');
+    reader = await DiskReader.open(path, chunkBytes);
   } catch (err) {
     throw new TidemarkError('E_DISK', `cannot open disk ${path} for reading: ${(err as Error).message} (run as root or grant read access)`, { cause: err });
   }
   try {
-    let done = 0;
     let dataBytes = 0;
-    while (done < sizeBytes) {
-      const got = await readFull(handle, buf, Math.min(chunkBytes, sizeBytes - done), done);
-      if (got === 0) break; // device shorter than sysfs claimed
-      for (let off = 0; off < got; off += blockBytes) {
-        const len = Math.min(blockBytes, got - off);
-        if (!isZeroBlock(buf.subarray(off, off + len))) dataBytes += len;
+    for (let done = 0; done < sizeBytes; ) {
+      const buf = await reader.read(done, Math.min(chunkBytes, sizeBytes - done));
+      for (let off = 0; off < buf.length; off += blockBytes) {
+        const block = buf.subarray(off, off + blockBytes);
+        if (!isZeroBlock(block)) dataBytes += block.length;
       }
-      done += got;
+      done += buf.length;
       onProgress?.(done, sizeBytes);
     }
     return dataBytes;
-  } catch (err) {
-    if (err instanceof TidemarkError) throw err;
-    throw new TidemarkError('E_DISK', `reading disk ${path} failed: ${(err as Error).message}`, { cause: err });
   } finally {
-    await handle.close();
+    await reader.close();
   }
-}
-
-/** Reads `length` bytes at `position` into buf (from 0), retrying short reads; stops early only at EOF. */
-async function readFull(handle: import('node:fs/promises').FileHandle, buf: Buffer, length: number, position: number): Promise<number> {
-  let got = 0;
-  while (got < length) {
-    const { bytesRead } = await handle.read(buf, got, length - got, position + got);
-    if (bytesRead === 0) break;
-    got += bytesRead;
-  }
-  return got;
 }
 
 let zeroBuf = Buffer.alloc(DEFAULT_BLOCK_BYTES);

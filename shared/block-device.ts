@@ -1,10 +1,26 @@
 // Facts about a block device that Node's fs does not give (fstat reports size 0).
-import { readFileSync, realpathSync } from 'node:fs';
+import { readFileSync, realpathSync, statSync, type Stats } from 'node:fs';
 import { basename } from 'node:path';
+import { TidemarkError } from './errors.js';
 
-/** sysfs directory of a block device node: /sys/class/block/NAME. */
-export function sysfsDir(devicePath: string): string {
-  return `/sys/class/block/${basename(realpathSync(devicePath))}`;
+/**
+ * The device's sysfs directory, symlinks resolved (so ".." of a partition is
+ * its whole disk). Found by the node's device number via /sys/dev/block/MAJ:MIN,
+ * which works for nodes with any name; falls back to /sys/class/block/NAME.
+ */
+export function sysfsDir(devicePath: string, st: Stats = statSync(devicePath)): string {
+  const rdev = st.rdev;
+  // Linux dev_t encoding (glibc major()/minor()).
+  const major = ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
+  const minor = (rdev & 0xff) | ((rdev >>> 12) & ~0xff);
+  for (const candidate of [`/sys/dev/block/${major}:${minor}`, `/sys/class/block/${basename(realpathSync(devicePath))}`]) {
+    try {
+      return realpathSync(candidate);
+    } catch {
+      // try the next
+    }
+  }
+  throw new TidemarkError('E_DISK', `block device ${devicePath} (${major}:${minor}) has no sysfs entry: is /sys mounted?`);
 }
 
 export function blockDeviceSizeBytes(devicePath: string): number {
