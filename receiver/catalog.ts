@@ -21,7 +21,9 @@ CREATE TABLE IF NOT EXISTS disk (
   size_bytes INTEGER NOT NULL, sector_bytes INTEGER NOT NULL, block_bytes INTEGER NOT NULL,
   UNIQUE (host_id, name));
 CREATE TABLE IF NOT EXISTS pack (
-  id INTEGER PRIMARY KEY, vault_id TEXT NOT NULL, file TEXT NOT NULL UNIQUE, size_bytes INTEGER NOT NULL);
+  id INTEGER PRIMARY KEY, vault_id TEXT NOT NULL, file TEXT NOT NULL UNIQUE, size_bytes INTEGER NOT NULL,
+  -- 1: no writer appends to it any more; only sealed packs are compacted.
+  sealed INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS chunk (
   vault_id TEXT NOT NULL, id BLOB NOT NULL, pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
   PRIMARY KEY (vault_id, id)) WITHOUT ROWID;
@@ -290,7 +292,124 @@ export class Catalog {
     }).immediate();
   }
 
+  sealPack(packId: number): void {
+    this.db.prepare(`UPDATE pack SET sealed = 1 WHERE id = ?`).run(packId);
+  }
+
+  /** At `serve` start: the packs of any earlier (dead) writer will never be appended to again. */
+  sealAllPacks(): void {
+    this.db.prepare(`UPDATE pack SET sealed = 1 WHERE sealed = 0`).run();
+  }
+
+  // --- retention and garbage collection (receiver/prune.ts) ---------------
+
+  hosts(): Array<{ id: number; name: string }> {
+    return this.db.prepare(`SELECT id, name FROM host ORDER BY name`).all() as Array<{ id: number; name: string }>;
+  }
+
+  committedPoints(hostId: number): Array<{ id: number; committedMs: number; timeMs: number }> {
+    return this.db.prepare(`SELECT id, committed_ms AS committedMs, time_ms AS timeMs FROM point WHERE host_id = ? AND state = 'committed' ORDER BY id`)
+      .all(hostId) as Array<{ id: number; committedMs: number; timeMs: number }>;
+  }
+
+  /**
+   * Deletes point P, folding the block versions that kept point K (the next
+   * kept point after P) still needs into K. A version of P is still needed when
+   * no point in (P, K] has a newer version of that block. One transaction: a
+   * crash leaves either P whole or P gone and K complete.
+   */
+  foldPoint(pointId: number, intoPointId: number): { foldedBlocks: number } {
+    return this.db.transaction(() => {
+      this.db.prepare(`
+        DELETE FROM block_version WHERE point_id = :p AND (
+          disk_id NOT IN (SELECT disk_id FROM point_disk WHERE point_id = :k)
+          OR EXISTS (SELECT 1 FROM block_version newer WHERE newer.disk_id = block_version.disk_id
+                     AND newer.block_index = block_version.block_index AND newer.point_id > :p AND newer.point_id <= :k))`)
+        .run({ p: pointId, k: intoPointId });
+      const folded = this.db.prepare(`UPDATE block_version SET point_id = ? WHERE point_id = ?`).run(intoPointId, pointId).changes;
+      // K now carries the changes since the point before P: its counters say so.
+      this.db.prepare(`
+        UPDATE point_disk SET changed_blocks = (SELECT COUNT(*) FROM block_version bv WHERE bv.point_id = point_disk.point_id AND bv.disk_id = point_disk.disk_id)
+        WHERE point_id = ?`).run(intoPointId);
+      this.db.prepare(`
+        UPDATE point_disk SET changed_bytes = MIN(size_bytes, changed_blocks * (SELECT block_bytes FROM disk WHERE disk.id = point_disk.disk_id))
+        WHERE point_id = ?`).run(intoPointId);
+      this.db.prepare(`DELETE FROM point_disk WHERE point_id = ?`).run(pointId);
+      this.db.prepare(`DELETE FROM point WHERE id = ? AND state = 'committed'`).run(pointId);
+      return { foldedBlocks: folded };
+    }).immediate();
+  }
+
+  /** Deletes chunk rows no block version references; returns what was freed. */
+  deleteUnreferencedChunks(): { chunks: number; bytes: number } {
+    return this.db.transaction(() => {
+      this.db.exec(`
+        CREATE TEMP TABLE IF NOT EXISTS referenced (vault_id TEXT NOT NULL, id BLOB NOT NULL, PRIMARY KEY (vault_id, id)) WITHOUT ROWID;
+        DELETE FROM temp.referenced;
+        INSERT OR IGNORE INTO temp.referenced
+          SELECT h.vault_id, bv.chunk_id FROM block_version bv JOIN disk d ON d.id = bv.disk_id JOIN host h ON h.id = d.host_id
+          WHERE bv.chunk_id IS NOT NULL;`);
+      const dead = `NOT EXISTS (SELECT 1 FROM temp.referenced r WHERE r.vault_id = chunk.vault_id AND r.id = chunk.id)`;
+      const freed = this.db.prepare(`SELECT COUNT(*) AS chunks, COALESCE(SUM(length), 0) AS bytes FROM chunk WHERE ${dead}`).get() as { chunks: number; bytes: number };
+      this.db.prepare(`DELETE FROM chunk WHERE ${dead}`).run();
+      this.db.exec(`DELETE FROM temp.referenced`);
+      return freed;
+    }).immediate();
+  }
+
+  /** Sealed packs with their live (still catalogued) entry bytes. */
+  packUsage(): PackUsage[] {
+    return (this.db.prepare(`
+      SELECT p.id, p.vault_id AS vaultId, p.file, p.size_bytes AS sizeBytes, p.sealed,
+        COALESCE(SUM(c.length), 0) AS liveEnvelopeBytes, COUNT(c.id) AS liveChunks
+      FROM pack p LEFT JOIN chunk c ON c.pack_id = p.id GROUP BY p.id ORDER BY p.id`).all() as Array<Record<string, number | string>>)
+      .map((r) => ({
+        id: r.id as number, vaultId: r.vaultId as string, file: r.file as string, sizeBytes: r.sizeBytes as number,
+        liveEnvelopeBytes: r.liveEnvelopeBytes as number, liveChunks: r.liveChunks as number, sealed: r.sealed === 1,
+      }));
+  }
+
+  liveChunksOf(packId: number): Array<{ vaultId: string; id: Buffer; offset: number; length: number }> {
+    return this.db.prepare(`SELECT vault_id AS vaultId, id, offset, length FROM chunk WHERE pack_id = ? ORDER BY offset`).all(packId) as
+      Array<{ vaultId: string; id: Buffer; offset: number; length: number }>;
+  }
+
+  /** Points the copied chunks at their new pack and forgets the old one, atomically. */
+  replacePack(oldPackId: number, newPackId: number, moved: Array<{ vaultId: string; id: Buffer; offset: number }>, newSizeBytes: number): void {
+    this.db.transaction(() => {
+      const move = this.db.prepare(`UPDATE chunk SET pack_id = ?, offset = ? WHERE vault_id = ? AND id = ? AND pack_id = ?`);
+      for (const m of moved) move.run(newPackId, m.offset, m.vaultId, m.id, oldPackId);
+      const left = this.db.prepare(`SELECT COUNT(*) FROM chunk WHERE pack_id = ?`).pluck().get(oldPackId) as number;
+      if (left > 0) throw new TidemarkError('E_STORAGE', `pack ${oldPackId} still holds ${left} chunks after compaction; left in place`);
+      this.db.prepare(`UPDATE pack SET size_bytes = ?, sealed = 1 WHERE id = ?`).run(newSizeBytes, newPackId);
+      this.db.prepare(`DELETE FROM pack WHERE id = ?`).run(oldPackId);
+    }).immediate();
+  }
+
+  deletePack(packId: number): void {
+    this.db.transaction(() => {
+      const left = this.db.prepare(`SELECT COUNT(*) FROM chunk WHERE pack_id = ?`).pluck().get(packId) as number;
+      if (left === 0) this.db.prepare(`DELETE FROM pack WHERE id = ?`).run(packId);
+    }).immediate();
+  }
+
+  packFiles(): Set<string> {
+    return new Set(this.db.prepare(`SELECT file FROM pack`).pluck().all() as string[]);
+  }
+
   // --- status -------------------------------------------------------------
+
+  /** Stored bytes of the distinct chunks a restore of the point reads (O(block versions of its host)). */
+  referencedBytes(pointId: number): number {
+    return this.db.prepare(`
+      WITH newest AS (
+        SELECT bv.chunk_id, MAX(bv.point_id) FROM block_version bv
+        WHERE bv.disk_id IN (SELECT disk_id FROM point_disk WHERE point_id = :p) AND bv.point_id <= :p
+        GROUP BY bv.disk_id, bv.block_index)
+      SELECT COALESCE(SUM(c.length), 0) FROM chunk c
+      WHERE c.vault_id = (SELECT h.vault_id FROM point p JOIN host h ON h.id = p.host_id WHERE p.id = :p)
+        AND c.id IN (SELECT chunk_id FROM newest WHERE chunk_id IS NOT NULL)`).pluck().get({ p: pointId }) as number;
+  }
 
   status(): ReceiverStatus {
     const hosts = this.db.prepare(`SELECT id, name, vault_id AS vaultId, enrolled_ms AS enrolledMs FROM host ORDER BY name`).all() as
@@ -314,6 +433,7 @@ export class Catalog {
           lastPoint: last ? { id: last.id, time: new Date(last.timeMs).toISOString(), crashConsistent: last.cc === 1 } : null,
           lagSeconds: last ? Math.max(0, (now - last.timeMs) / 1000) : null,
           disks: disks.all(h.id) as Array<{ name: string; sizeBytes: number; blockBytes: number }>,
+          pointSpace: this.committedPoints(h.id).map((p) => ({ id: p.id, referencedBytes: this.referencedBytes(p.id) })),
         };
       }),
       storedChunks: stored.chunks,
@@ -321,6 +441,16 @@ export class Catalog {
       packBytes,
     };
   }
+}
+
+export interface PackUsage {
+  id: number;
+  vaultId: string;
+  file: string;
+  sizeBytes: number;
+  liveEnvelopeBytes: number;
+  liveChunks: number;
+  sealed: boolean;
 }
 
 export interface ReceiverStatus {
@@ -333,6 +463,8 @@ export interface ReceiverStatus {
     lastPoint: { id: number; time: string; crashConsistent: boolean } | null;
     lagSeconds: number | null;
     disks: Array<{ name: string; sizeBytes: number; blockBytes: number }>;
+    /** Stored (compressed, encrypted) bytes each point needs for a restore. */
+    pointSpace: Array<{ id: number; referencedBytes: number }>;
   }>;
   storedChunks: number;
   storedChunkBytes: number;

@@ -1,22 +1,27 @@
 // The receiver's data directory: identity (TLS key and certificate), catalog, packs.
 //
 //   DIR/receiver.json      format marker and creation time
+//   DIR/config.json        optional settings: {"retention": {...}, "pruneInterval": "1h"}
+//   DIR/serve.lock         pid of the running `serve` (one writer per data directory)
 //   DIR/tls/key.pem        private key (0600), made at init
 //   DIR/tls/cert.pem       self-signed certificate; clients pin its SHA-256 fingerprint
 //   DIR/catalog.db         SQLite catalog (WAL)
 //   DIR/packs/VAULT/*.pack append-only pack files
-import { existsSync, mkdirSync, readFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { z } from 'zod';
 import { X509Certificate } from 'node:crypto';
 import { join } from 'node:path';
 import { generate } from 'selfsigned';
 import { TidemarkError } from '../shared/errors.js';
 import { writeFileDurable } from '../shared/fs-util.js';
 import { Catalog } from './catalog.js';
+import { parsePolicyOverrides, type PolicyOverrides } from './retention.js';
 
 const MARKER = 'receiver.json';
 
 export interface DataDir {
   root: string;
+  config: ReceiverConfig;
   keyPem: string;
   certPem: string;
   fingerprint: string;
@@ -66,5 +71,53 @@ export function openDataDir(root: string): DataDir {
     throw new TidemarkError('E_USAGE', `${root} is not a receiver data directory; create it with tidemark-receiver init --data ${root}`);
   }
   const certPem = readFileSync(p.cert, 'utf8');
-  return { root, keyPem: readFileSync(p.key, 'utf8'), certPem, fingerprint: fingerprintOf(certPem), packDir: p.packs, catalogPath: p.catalog };
+  return { root, config: readConfig(join(root, 'config.json')), keyPem: readFileSync(p.key, 'utf8'), certPem, fingerprint: fingerprintOf(certPem), packDir: p.packs, catalogPath: p.catalog };
+}
+
+const configSchema = z.object({ retention: z.unknown().optional(), pruneInterval: z.string().optional() }).strict();
+
+export interface ReceiverConfig {
+  retention: PolicyOverrides;
+  pruneInterval?: string;
+}
+
+function readConfig(path: string): ReceiverConfig {
+  if (!existsSync(path)) return { retention: {} };
+  try {
+    const parsed = configSchema.parse(JSON.parse(readFileSync(path, 'utf8')));
+    return { retention: parsePolicyOverrides(parsed.retention), pruneInterval: parsed.pruneInterval };
+  } catch (err) {
+    throw new TidemarkError('E_USAGE', `invalid ${path}: ${(err as Error).message.split('\n')[0]}; expected {"retention": {"keepWithin": "1h", "keepHourly": 24, "keepDaily": 7, "keepWeekly": 0}, "pruneInterval": "1h"}`);
+  }
+}
+
+/**
+ * One `serve` per data directory: two writers would append to the same packs.
+ * A lock left by a dead process is taken over.
+ */
+export function acquireServeLock(root: string): () => void {
+  const path = join(root, 'serve.lock');
+  for (let attempt = 0; attempt < 2; attempt++) {
+    try {
+      writeFileSync(path, `${process.pid}\n`, { flag: 'wx' });
+      return () => rmSync(path, { force: true });
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
+      const pid = Number(readFileSync(path, 'utf8').trim());
+      if (pid > 0 && pid !== process.pid && isAlive(pid)) {
+        throw new TidemarkError('E_CONFLICT', `another tidemark-receiver serve (pid ${pid}) is using ${root}; stop it first`);
+      }
+      rmSync(path, { force: true });
+    }
+  }
+  throw new TidemarkError('E_CONFLICT', `cannot take ${path}; remove it if no receiver is running`);
+}
+
+function isAlive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === 'EPERM';
+  }
 }

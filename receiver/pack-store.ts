@@ -17,6 +17,8 @@ export const PACK_HEADER_BYTES = 8; // magic 4 | version 1 | reserved 3
 export const ENTRY_MAGIC = Buffer.from('TMPE');
 export const ENTRY_HEADER_BYTES = 56; // magic 4 | length u32 | chunk id 32 | xxh3-128 of envelope 16
 const PACK_TARGET_BYTES = 64 * 1024 * 1024;
+/** A pack nobody appended to for this long is sealed, so that prune may compact it. */
+const PACK_IDLE_SEAL_MS = 2000;
 
 /** What the receiver needs from chunk storage; a second backend (object storage) implements the same. */
 export interface ChunkStore {
@@ -57,6 +59,7 @@ interface OpenPack {
   packId: number;
   fd: number;
   sizeBytes: number;
+  idleTimer: NodeJS.Timeout | null;
 }
 
 export class LocalPackStore implements ChunkStore {
@@ -90,6 +93,16 @@ export class LocalPackStore implements ChunkStore {
   }
 
   async get(vaultId: string, id: Buffer): Promise<Buffer> {
+    try {
+      return this.read(vaultId, id);
+    } catch (err) {
+      // Compaction may have moved the chunk between the lookup and the open: look it up again.
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return this.read(vaultId, id);
+      throw err;
+    }
+  }
+
+  private read(vaultId: string, id: Buffer): Buffer {
     const loc = this.catalog.chunkLocation(vaultId, id);
     if (!loc) throw new TidemarkError('E_NOT_FOUND', `chunk ${id.toString('hex')} is not stored in this vault`);
     const fd = openSync(join(this.packDir, loc.file), 'r');
@@ -110,8 +123,7 @@ export class LocalPackStore implements ChunkStore {
   async close(): Promise<void> {
     this.closed = true;
     while (this.flushing) await this.flushing;
-    for (const pack of this.openPacks.values()) closeSync(pack.fd);
-    this.openPacks.clear();
+    for (const [vaultId, pack] of [...this.openPacks]) this.sealPack(vaultId, pack);
   }
 
   private scheduleFlush(): void {
@@ -139,7 +151,10 @@ export class LocalPackStore implements ChunkStore {
       }
       for (const { pack } of touched.values()) fsyncSync(pack.fd);
       this.catalog.insertChunks(rows, packSizes);
-      for (const [vaultId, { pack }] of touched) if (pack.sizeBytes >= PACK_TARGET_BYTES) this.sealPack(vaultId, pack);
+      for (const [vaultId, { pack }] of touched) {
+        if (pack.sizeBytes >= PACK_TARGET_BYTES) this.sealPack(vaultId, pack);
+        else this.sealWhenIdle(vaultId, pack);
+      }
       for (const put of batch) put.resolve(true);
     } catch (err) {
       // A pack that failed once is not written again: cut it back to its last good size and start a new one.
@@ -171,13 +186,29 @@ export class LocalPackStore implements ChunkStore {
     writeSync(fd, header, 0, header.length, 0);
     fsyncSync(fd);
     fsyncDir(dirname(path));
-    const pack = { packId: this.catalog.createPack(vaultId, file), fd, sizeBytes: PACK_HEADER_BYTES };
+    const pack: OpenPack = { packId: this.catalog.createPack(vaultId, file), fd, sizeBytes: PACK_HEADER_BYTES, idleTimer: null };
     this.openPacks.set(vaultId, pack);
     return pack;
   }
 
+  private sealWhenIdle(vaultId: string, pack: OpenPack): void {
+    if (pack.idleTimer) clearTimeout(pack.idleTimer);
+    pack.idleTimer = setTimeout(() => {
+      if (this.openPacks.get(vaultId) === pack && !this.flushing) this.sealPack(vaultId, pack);
+      else if (this.openPacks.get(vaultId) === pack) this.sealWhenIdle(vaultId, pack);
+    }, PACK_IDLE_SEAL_MS);
+    pack.idleTimer.unref();
+  }
+
+  /** Closes a pack for good: it is never appended to again, and prune may compact it. */
   private sealPack(vaultId: string, pack: OpenPack): void {
+    if (pack.idleTimer) clearTimeout(pack.idleTimer);
     if (this.openPacks.get(vaultId) === pack) this.openPacks.delete(vaultId);
     closeSync(pack.fd);
+    try {
+      this.catalog.sealPack(pack.packId);
+    } catch {
+      /* left unsealed: sealed at the next serve start, compacted later */
+    }
   }
 }

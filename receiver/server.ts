@@ -9,16 +9,26 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import type { Logger } from '../shared/log.js';
 import { ENROLL_PATH, MAX_FRAME_BYTES, PROTOCOL_HEADER, PROTOCOL_VERSION, SESSION_PATH } from '../shared/protocol.js';
 import { Catalog, type Principal } from './catalog.js';
-import type { DataDir } from './data-dir.js';
+import { acquireServeLock, type DataDir } from './data-dir.js';
+import { prune } from './prune.js';
+import type { RetentionPolicy } from './retention.js';
 import { LocalPackStore } from './pack-store.js';
 import { Session } from './session.js';
 
 const HEARTBEAT_MS = 15_000;
+
+export interface PruneSchedule {
+  policy: RetentionPolicy;
+  /** 0: never prune on a schedule. */
+  intervalMs: number;
+}
 const MAX_CONNECTIONS = 256;
 
 export class ReceiverServer {
   private readonly alive = new WeakSet<WebSocket>();
   private heartbeat: NodeJS.Timeout | null = null;
+  private pruneTimer: NodeJS.Timeout | null = null;
+  private releaseLock: () => void = () => {};
 
   private constructor(
     private readonly https: Server,
@@ -28,8 +38,10 @@ export class ReceiverServer {
     private readonly log: Logger,
   ) {}
 
-  static async start(dataDir: DataDir, host: string, port: number, log: Logger): Promise<ReceiverServer> {
+  static async start(dataDir: DataDir, host: string, port: number, log: Logger, schedule: PruneSchedule): Promise<ReceiverServer> {
+    const releaseLock = acquireServeLock(dataDir.root);
     const catalog = Catalog.open(dataDir.catalogPath);
+    catalog.sealAllPacks();
     const store = new LocalPackStore(dataDir.packDir, catalog);
     const https = createServer({ key: dataDir.keyPem, cert: dataDir.certPem, minVersion: 'TLSv1.2' }, (_req, res) => {
       res.writeHead(404, { 'content-type': 'text/plain' }).end('tidemark receiver: connect with a WebSocket\n');
@@ -44,7 +56,9 @@ export class ReceiverServer {
       https.once('error', reject);
       https.listen(port, host, () => resolve());
     });
+    server.releaseLock = releaseLock;
     server.heartbeat = setInterval(() => server.beat(), HEARTBEAT_MS);
+    if (schedule.intervalMs > 0) server.pruneTimer = setInterval(() => server.scheduledPrune(dataDir.packDir, schedule.policy), schedule.intervalMs);
     return server;
   }
 
@@ -54,11 +68,22 @@ export class ReceiverServer {
 
   async close(): Promise<void> {
     if (this.heartbeat) clearInterval(this.heartbeat);
+    if (this.pruneTimer) clearInterval(this.pruneTimer);
     for (const ws of this.wss.clients) ws.close(1001, 'receiver shutting down');
     await new Promise<void>((resolve) => this.https.close(() => resolve()));
     this.https.closeAllConnections();
     await this.store.close();
     this.catalog.close();
+    this.releaseLock();
+  }
+
+  /** Retention runs here, on the receiver's clock; no client can ask for a deletion. */
+  private scheduledPrune(packDir: string, policy: RetentionPolicy): void {
+    try {
+      prune(this.catalog, packDir, { policy, nowMs: Date.now(), dryRun: false, log: this.log });
+    } catch (err) {
+      this.log.error({ err }, 'scheduled prune failed; will retry at the next interval');
+    }
   }
 
   private onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {

@@ -1,0 +1,115 @@
+// Retention and garbage collection with a real receiver: points are made by
+// real syncs, then back-dated in the catalog to stand for days of history.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { copyFileSync } from 'node:fs';
+import { join } from 'node:path';
+import Database from 'better-sqlite3';
+import { Deployment, collect, runCli, runJson, spawnCli } from './harness.js';
+import { changeBlocks, makePrng, sha256File, writeMixedImage } from './fixtures.js';
+
+const MiB = 1024 * 1024;
+const HOUR = 3_600_000;
+const NOW = Date.parse('2026-11-21T12:00:00Z');
+const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
+
+/** Makes `ages.length` points, rewriting most blocks each time, and back-dates point i to NOW - ages[i]. */
+async function makeHistory(d: Deployment, host: string, ages: number[]) {
+  const disk = join(d.root, `${host}.img`);
+  await writeMixedImage(disk, 8 * MiB, 21);
+  const points: Array<{ id: number; image: string }> = [];
+  for (const [i] of ages.entries()) {
+    if (i > 0) await changeBlocks(disk, 64 * 1024, 100, 100 + i);
+    const { pointId } = await d.syncOnce(host, [disk]);
+    const image = join(d.root, `${host}-point-${pointId}.img`);
+    copyFileSync(disk, image);
+    points.push({ id: pointId, image });
+    await sleep(2500); // the receiver seals an idle pack: each point's chunks land in a pack of their own
+  }
+  const db = new Database(join(d.receiver.dataDir, 'catalog.db'));
+  points.forEach((p, i) => db.prepare('UPDATE point SET committed_ms = ? WHERE id = ?').run(NOW - ages[i]!, p.id));
+  db.close();
+  return { disk, points };
+}
+
+async function assertRestores(d: Deployment, host: string, disk: string, point: { id: number; image: string }) {
+  const out = join(d.root, `check-${point.id}-${Date.now()}.img`);
+  await d.restore(host, disk, point.id, out);
+  assert.equal(await sha256File(out), await sha256File(point.image), `point ${point.id} restores byte-identical`);
+}
+
+const policy = ['--keep-within', '1h', '--keep-hourly', '0', '--keep-daily', '2', '--keep-weekly', '0', '--now', new Date(NOW).toISOString()];
+
+describe('prune', () => {
+  let d: Deployment;
+  before(async () => {
+    d = await Deployment.start();
+    await d.enroll('kappa');
+  });
+  after(() => d?.close());
+
+  it('drops what the policy does not keep, folds what kept points need, and frees space', async () => {
+    // 3 days, 2 days 1 hour, 2 days, 30 minutes and 0 old: keep within 1 h (the last two) and
+    // the newest of the last two days with points (today's newest, and the 2-day-old one).
+    const { disk, points } = await makeHistory(d, 'kappa', [72 * HOUR, 49 * HOUR, 48 * HOUR, HOUR / 2, 0]);
+    const [p1, p2, p3, p4, p5] = points as [typeof points[0], typeof points[0], typeof points[0], typeof points[0], typeof points[0]];
+
+    const plan = await runJson('receiver', ['prune', '--data', d.receiver.dataDir, ...policy, '--dry-run']);
+    assert.deepEqual(plan.hosts[0].dropped.map((p: any) => p.id), [p1.id, p2.id]);
+    assert.deepEqual(plan.hosts[0].kept.map((p: any) => p.id), [p3.id, p4.id, p5.id]);
+    assert.ok(plan.bytesFreed > 0);
+    assert.equal((await d.points('kappa')).length, 5, 'a dry run changes nothing');
+    const status = await d.receiver.status();
+    assert.equal(status.hosts[0].pointSpace.length, 5);
+
+    const report = await runJson('receiver', ['prune', '--data', d.receiver.dataDir, ...policy]);
+    assert.equal(report.pointsDropped, 2);
+    assert.equal(report.bytesFreed, plan.bytesFreed, 'the dry run predicted the real prune');
+    assert.ok(report.packsCompacted >= 1, 'the pack of the dropped initial sync was compacted');
+    assert.ok(report.packBytesAfter < report.packBytesBefore, `pack bytes shrink (${report.packBytesBefore} → ${report.packBytesAfter})`);
+    const after = await d.receiver.status();
+    assert.ok(after.storedChunkBytes < status.storedChunkBytes);
+    assert.deepEqual((await d.points('kappa')).map((p) => p.id), [p3.id, p4.id, p5.id]);
+    for (const p of [p3, p4, p5]) await assertRestores(d, 'kappa', disk, p);
+
+    const again = await runJson('receiver', ['prune', '--data', d.receiver.dataDir, ...policy]);
+    assert.equal(again.pointsDropped, 0, 'prune is idempotent');
+    assert.equal(again.chunksFreed, 0);
+  });
+});
+
+describe('prune killed with SIGKILL', () => {
+  let d: Deployment;
+  after(() => d?.close());
+
+  it('never loses a kept point, whenever it dies', async () => {
+    d = await Deployment.start();
+    await d.enroll('lambda');
+    const ages = [96, 80, 72, 60, 50, 49, 48, 0].map((h) => h * HOUR);
+    const { disk, points } = await makeHistory(d, 'lambda', ages);
+    const kept = [points[6]!, points[7]!]; // the newest of the 2-day-old day, and the newest
+    const random = makePrng(4242);
+    let kills = 0;
+    for (let attempt = 0; attempt < 40; attempt++) {
+      const child = spawnCli('receiver', ['prune', '--data', d.receiver.dataDir, ...policy]);
+      const delayMs = 100 + (random() % 400);
+      const timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
+      const result = await collect(child);
+      clearTimeout(timer);
+      if (result.signal === 'SIGKILL') kills++;
+      if (process.env.TIDEMARK_TEST_DEBUG) console.log('prune attempt', attempt, delayMs, result.signal ?? result.code);
+      // After every interruption the listing holds every kept point and each one still restores.
+      const listed = (await d.points('lambda')).map((p) => p.id);
+      for (const p of kept) assert.ok(listed.includes(p.id), `kept point ${p.id} still listed after a kill at ${delayMs} ms`);
+      await assertRestores(d, 'lambda', disk, kept[0]!);
+      if (result.code === 0) break;
+    }
+    assert.ok(kills >= 1, 'at least one prune was killed mid-way');
+    const final = await runJson('receiver', ['prune', '--data', d.receiver.dataDir, ...policy]);
+    assert.equal(final.pointsDropped, 0);
+    assert.deepEqual((await d.points('lambda')).map((p) => p.id), kept.map((p) => p.id));
+    for (const p of kept) await assertRestores(d, 'lambda', disk, p);
+    const verify = await runCli('receiver', ['verify', '--data', d.receiver.dataDir]);
+    assert.ok(verify.code === 0 || /unknown command/.test(verify.stderr), `verify after the kills: ${verify.stderr}`);
+  });
+});
