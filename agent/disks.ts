@@ -4,7 +4,8 @@ import { existsSync, readFileSync, readdirSync, statSync, type Stats } from 'nod
 import { dirname } from 'node:path';
 import { sysfsDir } from '../shared/block-device.js';
 import { TidemarkError } from '../shared/errors.js';
-import { DiskReader } from './disk-reader.js';
+import { DiskReader } from '../shared/disk-reader.js';
+import { isZeroBlock } from '../shared/zero-block.js';
 
 export interface DiskInfo {
   /** The path as given (block devices: as given too, e.g. /dev/sdb1 or a by-id link). */
@@ -140,14 +141,6 @@ async function measureDataBytes(
   } finally {
     await reader.close();
   }
-}
-
-let zeroBuf = Buffer.alloc(DEFAULT_BLOCK_BYTES);
-
-/** True when every byte is zero; compares against a shared zero buffer (memcmp), no JS byte loop. */
-export function isZeroBlock(buf: Buffer): boolean {
-  if (buf.length > zeroBuf.length) zeroBuf = Buffer.alloc(buf.length);
-  return buf.equals(zeroBuf.subarray(0, buf.length));
 }
 
 /** /dev/NAME for each disk in /sys/block worth offering (skips ram/zram and size-0 devices such as unattached loops, empty dm/sr). */

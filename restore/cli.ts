@@ -1,6 +1,6 @@
-// tidemark-restore: points, disk (CLI contract: DESIGN §9, README).
+// tidemark-restore: points, disk (and --failback), export, drill (CLI contract: DESIGN §9, README).
 // A client of the receiver that holds the vault key: it decrypts locally.
-import { Command, Option } from 'commander';
+import { Command } from 'commander';
 import { VaultKeys } from '../shared/chunk-crypto.js';
 import { ReceiverConnection } from '../shared/connection.js';
 import { TidemarkError } from '../shared/errors.js';
@@ -8,12 +8,17 @@ import { openKeyFile } from '../shared/keyfile.js';
 import { SESSION_PATH, type PointInfo } from '../shared/protocol.js';
 import { passphraseFileOption, printJson, readPassphrase, readToken, runCli } from '../shared/cli-util.js';
 import { formatBytes } from '../shared/units.js';
+import { drillPoint } from './drill.js';
+import { exportPoint } from './export.js';
+import { failbackDisk } from './failback.js';
 import { restoreDisk } from './restore-disk.js';
+import { READ_DATA_REQUIRED, runRestoreVerify } from './verify.js';
 
 interface ConnectOptions {
   receiver: string;
   fingerprint: string;
   token?: string;
+  tokenFile?: string;
   keyFile: string;
   passphraseFile?: string;
   host?: string;
@@ -24,7 +29,8 @@ function withConnectOptions(cmd: Command): Command {
   return cmd
     .requiredOption('--receiver <url>', 'receiver address, wss://HOST:PORT')
     .requiredOption('--fingerprint <fp>', 'receiver TLS certificate fingerprint')
-    .option('--token <token>', 'restore token or host credential (or TIDEMARK_TOKEN)')
+    .option('--token <token>', 'restore token or host credential (visible in ps: prefer TIDEMARK_TOKEN or --token-file)')
+    .option('--token-file <file>', 'file holding the restore token or host credential')
     .requiredOption('--key-file <file>', 'vault key file (passphrase from TIDEMARK_PASSPHRASE)')
     .addOption(passphraseFileOption())
     .option('--host <name>', 'host whose points to use')
@@ -33,9 +39,9 @@ function withConnectOptions(cmd: Command): Command {
 
 async function connect(opts: ConnectOptions): Promise<{ conn: ReceiverConnection; keys: VaultKeys }> {
   const keys = VaultKeys.fromMaster(openKeyFile(opts.keyFile, readPassphrase(opts.passphraseFile)));
-  const conn = await ReceiverConnection.open({ url: opts.receiver, fingerprint: opts.fingerprint, path: SESSION_PATH, authorization: `Bearer ${readToken(opts.token)}` });
+  const conn = await ReceiverConnection.open({ url: opts.receiver, fingerprint: opts.fingerprint, path: SESSION_PATH, authorization: `Bearer ${readToken(opts.token, opts.tokenFile)}` });
   try {
-    await conn.request('hello', { vaultId: keys.vaultId });
+    await conn.request('hello', { vaultId: keys.vaultId, vaultProof: keys.vaultProof });
   } catch (err) {
     conn.close();
     throw err;
@@ -77,6 +83,26 @@ function choosePoint(points: PointInfo[], opts: { point?: string; at?: string; h
   return found;
 }
 
+interface PointOptions {
+  point?: string;
+  at?: string;
+}
+
+function withPointOptions(cmd: Command): Command {
+  return cmd
+    .option('--point <id>', 'point id')
+    .option('--at <time>', 'newest point at or before this time (ISO-8601)');
+}
+
+/** The host's point named by --point or --at (the one selection every restore mode uses). */
+async function selectPoint(conn: ReceiverConnection, opts: ConnectOptions & PointOptions): Promise<PointInfo> {
+  return choosePoint(await listPoints(conn, opts.host!), opts);
+}
+
+function requireHost(opts: ConnectOptions, what: string): void {
+  if (!opts.host) throw new TidemarkError('E_USAGE', `pass --host NAME: the host whose ${what}`);
+}
+
 const program = new Command('tidemark-restore').description('Tidemark restore: list recovery points and bring disks back');
 
 withConnectOptions(program.command('points').description('list recovery points, oldest first'))
@@ -94,24 +120,82 @@ withConnectOptions(program.command('points').description('list recovery points, 
     }
   });
 
-withConnectOptions(program.command('disk').description('restore one disk of a point to an image file or block device'))
+withPointOptions(withConnectOptions(program.command('disk').description('restore one disk of a point to an image file or block device, or (--failback) update an existing one')))
   .requiredOption('--disk <name>', 'disk name as the agent reported it (its path on the protected host)')
-  .option('--point <id>', 'point id')
-  .option('--at <time>', 'newest point at or before this time (ISO-8601)')
-  .requiredOption('--to <path>', 'image file to create (sparse) or block device to overwrite')
-  .addOption(new Option('--failback', 'write only blocks that differ onto an existing disk').hideHelp())
-  .action(async (opts: ConnectOptions & { disk: string; point?: string; at?: string; to: string; failback?: boolean }) => {
-    if (!opts.host) throw new TidemarkError('E_USAGE', 'pass --host NAME: the host whose disk to restore');
-    if (opts.failback) throw new TidemarkError('E_USAGE', '--failback is not available in this version; restore to a new image or device');
+  .requiredOption('--to <path>', 'image file to create (sparse) or block device to overwrite; with --failback, the existing disk or image to update')
+  .option('--failback', 'update an existing disk in place: compare every block, fetch and write only those that differ')
+  .action(async (opts: ConnectOptions & PointOptions & { disk: string; to: string; failback?: boolean }) => {
+    requireHost(opts, 'disk to restore');
     const { conn, keys } = await connect(opts);
     try {
-      const points = await listPoints(conn, opts.host);
-      const point = choosePoint(points, opts);
+      const point = await selectPoint(conn, opts);
       // Progress goes to a TTY on stderr only: with --json, stdout carries one document.
-      const result = await restoreDisk(conn, keys, point, opts.disk, opts.to, false);
+      const result = opts.failback
+        ? await failbackDisk(conn, keys, point, opts.disk, opts.to)
+        : await restoreDisk(conn, keys, point, opts.disk, opts.to);
       if (opts.json) return printJson(result);
-      process.stdout.write(`restored ${opts.disk} of point ${point.id} (${new Date(point.timeMs).toISOString()}) to ${opts.to}: ` +
-        `${formatBytes(result.bytesWritten)} written, ${formatBytes(result.bytesFetched)} fetched, every chunk verified\n`);
+      const compared = opts.failback ? `, ${result.blocksCompared} blocks compared` : '';
+      process.stdout.write(`${opts.failback ? 'failed back' : 'restored'} ${opts.disk} of point ${point.id} (${new Date(point.timeMs).toISOString()}) to ${opts.to}: ` +
+        `${formatBytes(result.bytesWritten)} written, ${formatBytes(result.bytesFetched)} fetched${compared}, every chunk verified\n`);
+    } finally {
+      conn.close();
+    }
+  });
+
+withPointOptions(withConnectOptions(program.command('export').description('write every disk of a point and a manifest as one tar stream')))
+  .requiredOption('--to <file>', 'tar file to create, or - for stdout')
+  .action(async (opts: ConnectOptions & PointOptions & { to: string }) => {
+    requireHost(opts, 'point to export');
+    if (opts.to === '-' && opts.json) throw new TidemarkError('E_USAGE', '--json needs --to FILE: with --to - stdout carries the tar');
+    const { conn, keys } = await connect(opts);
+    try {
+      const result = await exportPoint(conn, keys, await selectPoint(conn, opts), opts.to);
+      if (opts.to === '-') return; // stdout was the tar
+      if (opts.json) return printJson(result);
+      process.stdout.write(`exported point ${result.point} (${result.manifest.point.time}) of ${result.host} to ${opts.to}: ` +
+        `${result.manifest.disks.length} disk${result.manifest.disks.length === 1 ? '' : 's'}, ${formatBytes(result.bytesWritten)}, every chunk verified\n`);
+    } finally {
+      conn.close();
+    }
+  });
+
+withPointOptions(withConnectOptions(program.command('drill').description('restore a point to a scratch directory, run a check against each disk image, clean up')))
+  .requiredOption('--check <command>', 'shell command run per disk, {image} replaced by the image path, e.g. "e2fsck -fn {image}"; exit 0 = pass')
+  .option('--disk <name>', 'check only this disk (default: every disk of the point)')
+  .option('--scratch <dir>', 'directory for the scratch directory (default: the system temp directory)')
+  .action(async (opts: ConnectOptions & PointOptions & { check: string; disk?: string; scratch?: string }) => {
+    requireHost(opts, 'point to drill');
+    const { conn, keys } = await connect(opts);
+    let result;
+    try {
+      result = await drillPoint(conn, keys, await selectPoint(conn, opts), opts);
+    } finally {
+      conn.close();
+    }
+    if (opts.json) printJson(result);
+    else {
+      for (const d of result.disks) {
+        const status = d.exitCode !== null ? `exit ${d.exitCode}` : `killed by ${d.signal}`;
+        process.stdout.write(`${d.passed ? 'PASS' : 'FAIL'} ${d.name} (${status})\n`);
+        if (!d.passed && d.output.trim()) process.stdout.write(d.output.trimEnd().replace(/^/gm, '  | ') + '\n');
+      }
+      process.stdout.write(`drill of point ${result.point} (${result.time}): ${result.passed ? 'passed' : 'FAILED'}\n`);
+    }
+    if (!result.passed) {
+      // Exit 1 with one line, as README's exit-code table says; a restore that fails exits with its own code.
+      const failed = result.disks.filter((d) => !d.passed).map((d) => `${d.name} (${d.exitCode !== null ? `exit ${d.exitCode}` : d.signal})`);
+      process.stderr.write(`${program.name()}: drill failed: check did not pass on ${failed.join(', ')}\n`);
+      process.exitCode = 1;
+    }
+  });
+
+withConnectOptions(program.command('verify').description('fetch every chunk of the committed points and check it with the key (--read-data); exit 5 on damage'))
+  .option('--read-data', 'fetch and decrypt every chunk (the key-less check is tidemark-receiver verify)')
+  .action(async (opts: ConnectOptions & { readData?: boolean }) => {
+    if (!opts.readData) throw new TidemarkError('E_USAGE', READ_DATA_REQUIRED);
+    const { conn, keys } = await connect(opts);
+    try {
+      await runRestoreVerify(conn, keys, await listPoints(conn, opts.host ?? null), opts);
     } finally {
       conn.close();
     }

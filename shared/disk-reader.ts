@@ -7,7 +7,7 @@
 // buffer addresses, so the reader finds an aligned offset inside a slightly
 // larger buffer by probing once.
 import { constants, open, stat, type FileHandle } from 'node:fs/promises';
-import { TidemarkError } from '../shared/errors.js';
+import { TidemarkError } from './errors.js';
 
 const ALIGN_PROBE_STEP = 16;
 const ALIGN_MAX = 4096;

@@ -1,0 +1,72 @@
+// Failback onto a real block device: the target is read with O_DIRECT and
+// only the blocks that differ from the point are written. Needs root and
+// losetup; elsewhere it skips with the reason.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
+import { closeSync, openSync, writeSync, fsyncSync } from 'node:fs';
+import { join } from 'node:path';
+import { Deployment, runCli } from '../test/harness.js';
+import { sha256File, writeExt4Image } from '../test/fixtures.js';
+
+const MiB = 1024 * 1024;
+const BLOCK = 64 * 1024;
+
+function skipReason(): string | undefined {
+  if (process.getuid?.() !== 0) return 'needs root (loop devices)';
+  try {
+    execFileSync('losetup', ['--version'], { stdio: 'ignore' });
+    execFileSync('mkfs.ext4', ['-V'], { stdio: 'ignore' });
+  } catch {
+    return 'needs losetup and mkfs.ext4 (util-linux, e2fsprogs)';
+  }
+  return undefined;
+}
+
+const skip = skipReason();
+if (skip) console.log(`# native-tests/failback-device: skipped: ${skip}`);
+
+describe('failback onto a loop device', { skip }, () => {
+  let d: Deployment;
+  const attached: string[] = [];
+  const attach = (image: string) => {
+    const device = execFileSync('losetup', ['-f', '--show', image], { encoding: 'utf8' }).trim();
+    attached.push(device);
+    return device;
+  };
+
+  before(async () => {
+    d = await Deployment.start();
+    await d.enroll('iron');
+  });
+  after(async () => {
+    for (const device of attached) execFileSync('losetup', ['-d', device]);
+    await d.close();
+  });
+
+  it('writes only the changed blocks and leaves the device equal to the point', async () => {
+    const image = join(d.root, 'source.img');
+    await writeExt4Image(image, 32 * MiB, 9);
+    const device = attach(image);
+    const result = await d.syncOnce('iron', [device]);
+    const shaAtPoint = await sha256File(device);
+
+    // Damage 5 blocks through the device itself (no filesystem mounted).
+    const changed = [3, 77, 130, 260, 511];
+    const fd = openSync(device, 'r+');
+    for (const block of changed) writeSync(fd, randomBytes(BLOCK), 0, BLOCK, block * BLOCK);
+    fsyncSync(fd);
+    closeSync(fd);
+    assert.notEqual(await sha256File(device), shaAtPoint);
+
+    const run = await runCli('restore', ['disk', ...d.restoreArgs('iron'), '--disk', device, '--point', String(result.pointId),
+      '--to', device, '--failback', '--json'], { TIDEMARK_TOKEN: d.restoreToken });
+    assert.equal(run.code, 0, run.stderr);
+    const report = JSON.parse(run.stdout);
+    assert.equal(report.blocksCompared, 512);
+    assert.equal(report.bytesWritten, changed.length * BLOCK);
+    assert.equal(await sha256File(device), shaAtPoint);
+    execFileSync('e2fsck', ['-fn', device], { stdio: 'ignore' }); // throws on a damaged filesystem
+  });
+});

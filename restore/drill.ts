@@ -1,0 +1,118 @@
+// Drill: prove a recovery point restores to something usable. Each disk of
+// the point (or the one asked for) is restored to a sparse image in a scratch
+// directory, a check command runs against it (`/bin/sh -c`, `{image}`
+// replaced by the image's shell-quoted path), and its exit status and the
+// tail of its output are reported. The scratch directory is removed on every
+// path out, an interrupt included. Replication is not disturbed: a restore
+// only reads from the receiver.
+import { spawn, type ChildProcess } from 'node:child_process';
+import { rmSync } from 'node:fs';
+import { mkdtemp, rm } from 'node:fs/promises';
+import { tmpdir } from 'node:os';
+import { join, resolve } from 'node:path';
+import type { VaultKeys } from '../shared/chunk-crypto.js';
+import type { ReceiverConnection } from '../shared/connection.js';
+import { TidemarkError } from '../shared/errors.js';
+import type { PointInfo } from '../shared/protocol.js';
+import { diskFileStems } from './disk-file-name.js';
+import { findDisk } from './point-blocks.js';
+import { restoreDisk } from './restore-disk.js';
+import { withSignalCleanup } from './signal-cleanup.js';
+
+export const IMAGE_PLACEHOLDER = '{image}';
+/** How much of a check's output (stdout and stderr, interleaved) the report keeps: the end. */
+const OUTPUT_TAIL_CHARS = 4096;
+/** Secrets of this process that a check command has no business seeing. */
+const WITHHELD_ENV = ['TIDEMARK_PASSPHRASE', 'TIDEMARK_PASSPHRASE_FILE', 'TIDEMARK_TOKEN'];
+
+export interface DrillOptions {
+  /** Shell command with `{image}` where the image path goes. */
+  check: string;
+  /** One disk by name; default every disk of the point. */
+  disk?: string;
+  /** Directory to make the scratch directory in; default the system temp directory. */
+  scratch?: string;
+}
+
+export interface DrillDiskResult {
+  name: string;
+  passed: boolean;
+  /** null when the check was ended by a signal (see `signal`). */
+  exitCode: number | null;
+  signal: string | null;
+  /** The last OUTPUT_TAIL_CHARS characters of the check's output. */
+  output: string;
+}
+
+export interface DrillResult {
+  point: number;
+  host: string;
+  time: string;
+  disks: DrillDiskResult[];
+  passed: boolean;
+}
+
+export function checkCommandFor(check: string, image: string): string {
+  if (!check.includes(IMAGE_PLACEHOLDER)) {
+    throw new TidemarkError('E_USAGE', `--check must name the image as ${IMAGE_PLACEHOLDER}, e.g. --check "e2fsck -fn ${IMAGE_PLACEHOLDER}"`);
+  }
+  return check.replaceAll(IMAGE_PLACEHOLDER, shellQuote(image));
+}
+
+export function shellQuote(text: string): string {
+  return `'${text.replaceAll("'", `'\\''`)}'`;
+}
+
+export async function drillPoint(conn: ReceiverConnection, keys: VaultKeys, point: PointInfo, options: DrillOptions): Promise<DrillResult> {
+  checkCommandFor(options.check, ''); // a bad --check fails before anything is restored
+  const disks = options.disk === undefined ? point.disks : [findDisk(point, options.disk)];
+  const stems = diskFileStems(disks.map((d) => d.name));
+  const scratch = await mkdtemp(join(resolve(options.scratch ?? tmpdir()), 'tidemark-drill-'));
+  let running: ChildProcess | undefined;
+  const removeScratch = () => rmSync(scratch, { recursive: true, force: true });
+  try {
+    return await withSignalCleanup(() => {
+      running?.kill('SIGKILL');
+      removeScratch();
+    }, async () => {
+      const results: DrillDiskResult[] = [];
+      for (const disk of disks) {
+        const image = join(scratch, `${stems.get(disk.name)}.img`);
+        await restoreDisk(conn, keys, point, disk.name, image);
+        const check = runCheck(checkCommandFor(options.check, image), scratch, { TIDEMARK_DISK: disk.name, TIDEMARK_IMAGE: image });
+        running = check.child;
+        const outcome = await check.done;
+        running = undefined;
+        results.push({ name: disk.name, passed: outcome.exitCode === 0, ...outcome });
+        await rm(image, { force: true }); // one image at a time in the scratch directory
+      }
+      return {
+        point: point.id, host: point.host, time: new Date(point.timeMs).toISOString(),
+        disks: results, passed: results.every((r) => r.passed),
+      };
+    });
+  } finally {
+    removeScratch();
+  }
+}
+
+function runCheck(command: string, cwd: string, env: Record<string, string>): {
+  child: ChildProcess;
+  done: Promise<{ exitCode: number | null; signal: string | null; output: string }>;
+} {
+  const childEnv: NodeJS.ProcessEnv = { ...process.env, ...env };
+  for (const name of WITHHELD_ENV) delete childEnv[name];
+  const child = spawn('/bin/sh', ['-c', command], { cwd, env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+  let output = '';
+  const keep = (data: Buffer) => {
+    output += data.toString('utf8');
+    if (output.length > 2 * OUTPUT_TAIL_CHARS) output = output.slice(-OUTPUT_TAIL_CHARS);
+  };
+  child.stdout!.on('data', keep);
+  child.stderr!.on('data', keep);
+  const done = new Promise<{ exitCode: number | null; signal: string | null; output: string }>((resolvePromise, reject) => {
+    child.once('error', (err) => reject(new TidemarkError('E_INTERNAL', `cannot run the check: ${err.message}`, { cause: err })));
+    child.once('close', (exitCode, signal) => resolvePromise({ exitCode, signal, output: output.slice(-OUTPUT_TAIL_CHARS) }));
+  });
+  return { child, done };
+}

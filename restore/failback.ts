@@ -1,0 +1,115 @@
+// Failback: bring an existing disk (block device, or image file at least as
+// large as the disk) back to a recovery point by writing only the blocks
+// that differ. Each block of the target is read (block devices with O_DIRECT,
+// shared/disk-reader.ts), its keyed chunk id computed and compared with the
+// point's block map; only differing blocks are fetched and written, in place.
+// An all-zero block matches a block the map lacks. Interrupted, the target is
+// a mix of old and new blocks; running failback again finishes the job.
+import { open, stat } from 'node:fs/promises';
+import { blockDeviceSizeBytes } from '../shared/block-device.js';
+import { chunkId, type VaultKeys } from '../shared/chunk-crypto.js';
+import type { ReceiverConnection } from '../shared/connection.js';
+import { DiskReader } from '../shared/disk-reader.js';
+import { isZeroBlock } from '../shared/zero-block.js';
+import { TidemarkError } from '../shared/errors.js';
+import { Progress, ProgressReporter } from '../shared/progress.js';
+import type { PointInfo } from '../shared/protocol.js';
+import { findDisk, readPointBlocks, type MapBlock, type PointDisk } from './point-blocks.js';
+import type { RestoreDiskResult } from './restore-disk.js';
+
+const READ_BATCH_BYTES = 16 * 1024 * 1024;
+/** O_DIRECT reads must be whole logical sectors: lengths are rounded up to this (within the target). */
+const DIRECT_IO_ALIGN = 4096;
+
+export interface FailbackResult extends RestoreDiskResult {
+  /** Bytes of the target read to compare. */
+  bytesRead: number;
+  blocksWritten: number;
+}
+
+export async function failbackDisk(conn: ReceiverConnection, keys: VaultKeys, point: PointInfo, diskName: string, to: string): Promise<FailbackResult> {
+  const disk = findDisk(point, diskName);
+  const targetBytes = await targetSizeBytes(to);
+  if (targetBytes < disk.sizeBytes) {
+    throw new TidemarkError('E_DISK', `${to} has ${targetBytes} bytes, fewer than the disk's ${disk.sizeBytes} at point ${point.id}; failback needs a target at least that large`);
+  }
+  const reader = await DiskReader.open(to, READ_BATCH_BYTES + DIRECT_IO_ALIGN).catch((err: unknown) => {
+    throw new TidemarkError('E_DISK', `cannot read ${to}: ${(err as Error).message}`, { cause: err });
+  });
+  const result: FailbackResult = {
+    point: point.id, disk: diskName, to, sizeBytes: disk.sizeBytes,
+    bytesWritten: 0, bytesFetched: 0, blocksCompared: 0, bytesRead: 0, blocksWritten: 0,
+  };
+  const progress = new Progress(`failback ${diskName}`, disk.sizeBytes);
+  const reporter = new ProgressReporter(false);
+  try {
+    const file = await open(to, 'r+');
+    try {
+      const local = new BatchedBlocks(reader, disk, targetBytes);
+      const zeros = Buffer.alloc(disk.blockBytes);
+      // The predicate runs in block order, ahead of the writes below, but never
+      // reads a block after it was written: each block is read once, then written at most once.
+      const differs = async (block: MapBlock) => {
+        const current = await local.block(block);
+        result.blocksCompared++;
+        if (isZeroBlock(current)) return block.id !== null;
+        return block.id === null || !chunkId(keys, current).equals(block.id);
+      };
+      for await (const block of readPointBlocks(conn, keys, point, disk, result, { everyBlock: true, want: differs })) {
+        if (block.wanted) {
+          const data = block.data ?? zeros.subarray(0, block.length);
+          await file.write(data, 0, data.length, block.offset);
+          result.bytesWritten += data.length;
+          result.blocksWritten++;
+        }
+        progress.add(block.offset + block.length - progress.bytesDone);
+        reporter.report(progress);
+      }
+      result.bytesRead = local.bytesRead;
+      await file.sync();
+    } finally {
+      await file.close();
+    }
+  } finally {
+    await reader.close();
+  }
+  reporter.report(progress, true);
+  reporter.done();
+  return result;
+}
+
+async function targetSizeBytes(path: string): Promise<number> {
+  const st = await stat(path).catch((err: NodeJS.ErrnoException) => {
+    throw new TidemarkError('E_DISK', `failback target ${path} cannot be used: ${err.code === 'ENOENT' ? 'it does not exist (failback updates an existing disk; without --failback a new image is written)' : err.message}`, { cause: err });
+  });
+  if (st.isBlockDevice()) return blockDeviceSizeBytes(path);
+  if (st.isFile()) return st.size;
+  throw new TidemarkError('E_DISK', `failback target ${path} is neither a block device nor an image file`);
+}
+
+/** The target's blocks, read sequentially in large batches. */
+class BatchedBlocks {
+  private batch: Buffer = Buffer.alloc(0);
+  private batchOffset = 0;
+  bytesRead = 0;
+
+  constructor(
+    private readonly reader: DiskReader,
+    private readonly disk: PointDisk,
+    private readonly targetBytes: number,
+  ) {}
+
+  /** Blocks must be asked for in increasing order. */
+  async block(block: MapBlock): Promise<Buffer> {
+    if (block.offset + block.length > this.batchOffset + this.batch.length) {
+      const batchBytes = Math.floor(READ_BATCH_BYTES / this.disk.blockBytes) * this.disk.blockBytes; // whole blocks
+      const wanted = Math.min(batchBytes, this.disk.sizeBytes - block.offset);
+      const aligned = Math.min(Math.ceil(wanted / DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN, this.targetBytes - block.offset);
+      this.batch = (await this.reader.read(block.offset, aligned)).subarray(0, wanted);
+      this.batchOffset = block.offset;
+      this.bytesRead += wanted;
+    }
+    const start = block.offset - this.batchOffset;
+    return this.batch.subarray(start, start + block.length);
+  }
+}
