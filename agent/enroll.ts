@@ -32,7 +32,7 @@ export async function enroll(opts: EnrollOptions): Promise<{ host: string; vault
     const host = opts.host ?? hostname();
     const conn = await ReceiverConnection.open({ url: opts.receiverUrl, fingerprint: opts.fingerprint, path: ENROLL_PATH, authorization: `Token ${opts.token}` });
     try {
-      const { credential } = await conn.request('enroll', { host, vaultId: keys.vaultId });
+      const { credential } = await conn.request('enroll', { host, vaultId: keys.vaultId, vaultProof: keys.vaultProof });
       state.saveEnrollment({ receiverUrl: opts.receiverUrl, fingerprint: normalizeFingerprint(opts.fingerprint), host, keyFile, vaultId: keys.vaultId }, credential);
     } finally {
       conn.close();

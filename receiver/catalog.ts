@@ -16,6 +16,8 @@ CREATE TABLE IF NOT EXISTS token (
 CREATE TABLE IF NOT EXISTS host (
   id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, vault_id TEXT NOT NULL,
   credential_hash BLOB NOT NULL UNIQUE, enrolled_ms INTEGER NOT NULL);
+-- A vault is recorded by its first enrollment; proof_hash = SHA-256 of VaultKeys.vaultProof (receiver/vault-proof.ts).
+CREATE TABLE IF NOT EXISTS vault (vault_id TEXT PRIMARY KEY, proof_hash BLOB NOT NULL, created_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS disk (
   id INTEGER PRIMARY KEY, host_id INTEGER NOT NULL REFERENCES host(id), name TEXT NOT NULL,
   size_bytes INTEGER NOT NULL, sector_bytes INTEGER NOT NULL, block_bytes INTEGER NOT NULL,

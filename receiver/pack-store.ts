@@ -4,11 +4,11 @@
 // that locates it is committed, so an acknowledged chunk survives any crash.
 // Concurrent puts are batched: one writev + one fsync + one catalog
 // transaction per batch.
-import { mkdirSync, openSync, closeSync, fsyncSync, writevSync, readSync, ftruncateSync, writeSync } from 'node:fs';
+import { mkdirSync, openSync, closeSync, fsyncSync, readSync, ftruncateSync, rmSync } from 'node:fs';
 import { join, dirname } from 'node:path';
 import { xxh3 } from '@node-rs/xxhash';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
-import { fsyncDir } from '../shared/fs-util.js';
+import { fsyncDir, writeAllSync } from '../shared/fs-util.js';
 import type { Catalog, NewChunk } from './catalog.js';
 
 export const PACK_MAGIC = Buffer.from('TMPK');
@@ -144,7 +144,8 @@ export class LocalPackStore implements ChunkStore {
         const pack = this.packFor(put.vaultId);
         if (!touched.has(put.vaultId)) touched.set(put.vaultId, { pack, goodSize: pack.sizeBytes });
         const header = encodeEntryHeader(put.id, put.envelope);
-        writevSync(pack.fd, [header, put.envelope], pack.sizeBytes);
+        // All of it or an error: a short write on a full disk must not leave a gap the catalog points past.
+        writeAllSync(pack.fd, [header, put.envelope], pack.sizeBytes);
         rows.push({ vaultId: put.vaultId, id: put.id, packId: pack.packId, offset: pack.sizeBytes, length: put.envelope.length });
         pack.sizeBytes += header.length + put.envelope.length;
         packSizes.set(pack.packId, pack.sizeBytes);
@@ -166,7 +167,7 @@ export class LocalPackStore implements ChunkStore {
         }
         this.sealPack(vaultId, pack);
       }
-      const error = asTidemarkError(err);
+      const error = asTidemarkError(err, { storage: 'receiver' });
       for (const put of batch) put.reject(error);
     } finally {
       for (const put of batch) this.queuedById.delete(`${put.vaultId}:${put.id.toString('hex')}`);
@@ -180,13 +181,22 @@ export class LocalPackStore implements ChunkStore {
     const path = join(this.packDir, file);
     mkdirSync(dirname(path), { recursive: true });
     const fd = openSync(path, 'wx', 0o600);
-    const header = Buffer.alloc(PACK_HEADER_BYTES);
-    PACK_MAGIC.copy(header, 0);
-    header[4] = PACK_VERSION;
-    writeSync(fd, header, 0, header.length, 0);
-    fsyncSync(fd);
-    fsyncDir(dirname(path));
-    const pack: OpenPack = { packId: this.catalog.createPack(vaultId, file), fd, sizeBytes: PACK_HEADER_BYTES, idleTimer: null };
+    let packId: number;
+    try {
+      const header = Buffer.alloc(PACK_HEADER_BYTES);
+      PACK_MAGIC.copy(header, 0);
+      header[4] = PACK_VERSION;
+      writeAllSync(fd, [header], 0);
+      fsyncSync(fd);
+      fsyncDir(dirname(path));
+      packId = this.catalog.createPack(vaultId, file);
+    } catch (err) {
+      // A full disk fails here on every retry: leave no empty pack file behind each time.
+      closeSync(fd);
+      rmSync(path, { force: true });
+      throw err;
+    }
+    const pack: OpenPack = { packId, fd, sizeBytes: PACK_HEADER_BYTES, idleTimer: null };
     this.openPacks.set(vaultId, pack);
     return pack;
   }

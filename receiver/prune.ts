@@ -7,10 +7,10 @@
 // catalog points at the copy, and deleted only after. A SIGKILL anywhere
 // leaves every kept point whole; at worst a pack file nobody references,
 // which the next prune removes.
-import { closeSync, fsyncSync, openSync, readdirSync, readSync, rmSync, statSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, openSync, readdirSync, readSync, rmSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { TidemarkError } from '../shared/errors.js';
-import { fsyncDir } from '../shared/fs-util.js';
+import { fsyncDir, writeAllSync } from '../shared/fs-util.js';
 import type { Logger } from '../shared/log.js';
 import type { Catalog } from './catalog.js';
 import { ENTRY_HEADER_BYTES, PACK_HEADER_BYTES, PACK_MAGIC, PACK_VERSION, encodeEntryHeader } from './pack-store.js';
@@ -64,8 +64,7 @@ export function prune(catalog: Catalog, packDir: string, opts: PruneOptions): Pr
       for (const pointId of decision.drop) {
         // The next kept point by id: the newest point is always kept, so one exists.
         const into = points.find((p) => p.id > pointId && decision.keep.has(p.id))!.id;
-        catalog.foldPoint(pointId, into);
-        report.pointsDropped++;
+        if (foldIfStillCommitted(catalog, pointId, into)) report.pointsDropped++;
       }
     }
     const freed = catalog.deleteUnreferencedChunks();
@@ -83,6 +82,20 @@ export function prune(catalog: Catalog, packDir: string, opts: PruneOptions): Pr
   return report;
 }
 
+/**
+ * Folds P into K unless another prune (serve's schedule beside one run by hand, with
+ * another policy or --now) has dropped either since this one decided: folding into a
+ * vanished K would delete P's versions that K's own successor still needs.
+ */
+function foldIfStillCommitted(catalog: Catalog, pointId: number, into: number): boolean {
+  const committed = catalog.db.prepare(`SELECT COUNT(*) FROM point WHERE id IN (?, ?) AND state = 'committed'`).pluck();
+  return catalog.db.transaction(() => {
+    if (committed.get(pointId, into) !== 2) return false; // decided again at the next prune
+    catalog.foldPoint(pointId, into);
+    return true;
+  }).immediate();
+}
+
 function totalPackBytes(catalog: Catalog): number {
   return catalog.packUsage().reduce((sum, p) => sum + p.sizeBytes, 0);
 }
@@ -96,9 +109,10 @@ function compactPacks(catalog: Catalog, packDir: string, log?: Logger): number {
     const oldPath = join(packDir, pack.file);
     if (pack.liveChunks > 0) {
       const file = join(pack.vaultId, `${Date.now().toString(36)}-${process.pid}-c${pack.id}.pack`);
-      const newPackId = catalog.createPack(pack.vaultId, file);
       const { moved, sizeBytes } = copyLiveEntries(catalog, pack.id, oldPath, join(packDir, file));
-      catalog.replacePack(pack.id, newPackId, moved, sizeBytes);
+      // The copy is durable before any row names it; a crash or a full disk before this
+      // transaction leaves only an unreferenced file (step 4), never a row without its file.
+      catalog.db.transaction(() => catalog.replacePack(pack.id, catalog.createPack(pack.vaultId, file), moved, sizeBytes)).immediate();
     } else {
       catalog.deletePack(pack.id);
     }
@@ -119,7 +133,7 @@ function copyLiveEntries(catalog: Catalog, packId: number, fromPath: string, toP
     const header = Buffer.alloc(PACK_HEADER_BYTES);
     PACK_MAGIC.copy(header, 0);
     header[4] = PACK_VERSION;
-    writeSync(to, header);
+    writeAllSync(to, [header], 0);
     let offset = PACK_HEADER_BYTES;
     const moved: Array<{ vaultId: string; id: Buffer; offset: number }> = [];
     for (const c of chunks) {
@@ -129,7 +143,7 @@ function copyLiveEntries(catalog: Catalog, packId: number, fromPath: string, toP
         // Never copy damage forward silently: leave this pack for verify to report.
         throw new TidemarkError('E_INTEGRITY', `chunk ${c.id.toString('hex')} in ${fromPath} at offset ${c.offset} is damaged; run tidemark-receiver verify`);
       }
-      writeSync(to, entry, 0, entry.length, offset);
+      writeAllSync(to, [entry], offset);
       moved.push({ vaultId: c.vaultId, id: c.id, offset });
       offset += entry.length;
     }

@@ -9,6 +9,7 @@ import { WebSocketServer, type WebSocket } from 'ws';
 import type { Logger } from '../shared/log.js';
 import { ENROLL_PATH, MAX_FRAME_BYTES, PROTOCOL_HEADER, PROTOCOL_VERSION, SESSION_PATH } from '../shared/protocol.js';
 import { Catalog, type Principal } from './catalog.js';
+import { UPGRADE_TIMEOUT_MS, UpgradeGate } from './admission.js';
 import { acquireServeLock, type DataDir } from './data-dir.js';
 import { prune } from './prune.js';
 import type { RetentionPolicy } from './retention.js';
@@ -29,6 +30,8 @@ export class ReceiverServer {
   private heartbeat: NodeJS.Timeout | null = null;
   private pruneTimer: NodeJS.Timeout | null = null;
   private releaseLock: () => void = () => {};
+  /** Connections that have not completed an upgrade: capped and timed out (receiver/admission.ts). */
+  private readonly gate: UpgradeGate;
 
   private constructor(
     private readonly https: Server,
@@ -36,18 +39,26 @@ export class ReceiverServer {
     private readonly catalog: Catalog,
     private readonly store: LocalPackStore,
     private readonly log: Logger,
-  ) {}
+  ) {
+    this.gate = new UpgradeGate(https, log);
+  }
 
   static async start(dataDir: DataDir, host: string, port: number, log: Logger, schedule: PruneSchedule): Promise<ReceiverServer> {
     const releaseLock = acquireServeLock(dataDir.root);
     const catalog = Catalog.open(dataDir.catalogPath);
-    catalog.sealAllPacks();
+    try {
+      catalog.sealAllPacks();
+    } catch (err) {
+      // A full disk must not keep the receiver down: packs of the dead writer stay unsealed
+      // (never appended to, only not yet compactable) until a later start seals them.
+      log.warn({ err: (err as Error).message }, 'could not seal the packs of the previous run; continuing');
+    }
     const store = new LocalPackStore(dataDir.packDir, catalog);
-    const https = createServer({ key: dataDir.keyPem, cert: dataDir.certPem, minVersion: 'TLSv1.2' }, (_req, res) => {
+    const https = createServer({ key: dataDir.keyPem, cert: dataDir.certPem, minVersion: 'TLSv1.2', handshakeTimeout: UPGRADE_TIMEOUT_MS }, (_req, res) => {
       res.writeHead(404, { 'content-type': 'text/plain' }).end('tidemark receiver: connect with a WebSocket\n');
     });
-    https.headersTimeout = 10_000;
-    https.requestTimeout = 10_000;
+    https.headersTimeout = UPGRADE_TIMEOUT_MS;
+    https.requestTimeout = UPGRADE_TIMEOUT_MS;
     const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: MAX_FRAME_BYTES });
     const server = new ReceiverServer(https, wss, catalog, store, log);
     https.on('upgrade', (req, socket, head) => server.onUpgrade(req, socket, head));
@@ -69,6 +80,7 @@ export class ReceiverServer {
   async close(): Promise<void> {
     if (this.heartbeat) clearInterval(this.heartbeat);
     if (this.pruneTimer) clearInterval(this.pruneTimer);
+    this.gate.close();
     for (const ws of this.wss.clients) ws.close(1001, 'receiver shutting down');
     await new Promise<void>((resolve) => this.https.close(() => resolve()));
     this.https.closeAllConnections();
@@ -103,6 +115,7 @@ export class ReceiverServer {
       return refuse(socket, 401, message);
     }
     this.wss.handleUpgrade(req, socket, head, (ws) => {
+      this.gate.upgraded(req.socket);
       this.alive.add(ws);
       ws.on('pong', () => this.alive.add(ws));
       ws.on('error', (err) => this.log.debug({ err: err.message }, 'connection error'));

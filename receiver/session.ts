@@ -10,6 +10,8 @@ import type { Logger } from '../shared/log.js';
 import { MAX_BLOCK_BYTES, MAX_POINTS_PAGE, decodeRequest, errorFrame, okFrame, peekRid, type Request } from '../shared/protocol.js';
 import type { Catalog, Principal } from './catalog.js';
 import type { ChunkStore } from './pack-store.js';
+import { checkVaultProof, enrollWithProof } from './vault-proof.js';
+import { storageAlarm } from './storage-alarm.js';
 
 const MAX_IN_FLIGHT = 64;
 
@@ -47,10 +49,15 @@ export class Session {
       this.ws.pause();
     }
     this.handle(request)
-      .then((body) => this.send(okFrame(request.rid, body)))
+      .then((body) => {
+        if (request.t === 'point.commit') storageAlarm(this.ctx.log).succeeded();
+        this.send(okFrame(request.rid, body));
+      })
       .catch((err) => {
-        const error = asTidemarkError(err);
-        if (error.code === 'E_INTERNAL' || error.code === 'E_STORAGE') this.ctx.log.error({ err, type: request.t }, 'request failed');
+        const error = asTidemarkError(err, { storage: 'receiver' });
+        // A full disk fails every chunk of a batch and every retry: logged once per failure, not per request.
+        if (error.code === 'E_STORAGE') storageAlarm(this.ctx.log).failed(error, { type: request.t });
+        else if (error.code === 'E_INTERNAL') this.ctx.log.error({ err, type: request.t }, 'request failed');
         this.send(errorFrame(request.rid, error));
       })
       .finally(() => {
@@ -76,13 +83,13 @@ export class Session {
     const p = this.principal;
     if (req.t === 'enroll') {
       if (p.role !== 'enroll') throw new TidemarkError('E_FORBIDDEN', 'enroll needs an enrollment token');
-      const enrolled = this.ctx.catalog.enrollHost(p.tokenHash, req.host, req.vaultId);
+      const enrolled = enrollWithProof(this.ctx.catalog, p.tokenHash, req.host, req.vaultId, req.vaultProof);
       this.ctx.log.info({ host: req.host, vaultId: req.vaultId }, 'host enrolled');
       setImmediate(() => this.ws.close(1000));
       return enrolled;
     }
     if (p.role === 'enroll') throw new TidemarkError('E_FORBIDDEN', 'an enrollment token can only enroll');
-    if (req.t === 'hello') return this.hello(p, req.vaultId);
+    if (req.t === 'hello') return this.hello(p, req.vaultId, req.vaultProof);
     const vaultId = this.vaultId;
     if (vaultId === null) throw new TidemarkError('E_PROTOCOL', `${req.t} before hello`);
 
@@ -134,10 +141,12 @@ export class Session {
     throw new TidemarkError('E_PROTOCOL', `unexpected message ${(req as Request).t}`);
   }
 
-  private hello(p: Exclude<Principal, { role: 'enroll' }>, vaultId: string): object {
+  private hello(p: Exclude<Principal, { role: 'enroll' }>, vaultId: string, vaultProof: Buffer): object {
     if (p.role === 'agent' && p.vaultId !== vaultId) {
       throw new TidemarkError('E_FORBIDDEN', `host ${p.host} was enrolled with another key file (vault ${p.vaultId}); use that key file`);
     }
+    // Naming a vault is not enough: the caller must show it holds the vault's key.
+    checkVaultProof(this.ctx.catalog, vaultId, vaultProof, p.role === 'agent' ? 'record' : 'check');
     this.vaultId = vaultId;
     return { role: p.role, host: p.role === 'agent' ? p.host : null };
   }

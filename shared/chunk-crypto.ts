@@ -22,11 +22,16 @@ export class VaultKeys {
     readonly encRoot: Buffer,
     /** Public, stable name of the vault: hosts with the same key file share it. */
     readonly vaultId: string,
+    /**
+     * Proof of holding the key, sent with `enroll` and `hello`: the receiver keeps
+     * only its SHA-256 and compares; a one-way derivative, it reveals no key.
+     */
+    readonly vaultProof: Buffer,
   ) {}
 
   static fromMaster(master: Buffer): VaultKeys {
     const derive = (info: string, bytes = 32) => Buffer.from(hkdfSync('sha256', master, Buffer.alloc(0), info, bytes));
-    return new VaultKeys(derive('tidemark chunk-id v1'), derive('tidemark chunk-enc v1'), derive('tidemark vault-id v1', 16).toString('hex'));
+    return new VaultKeys(derive('tidemark chunk-id v1'), derive('tidemark chunk-enc v1'), derive('tidemark vault-id v1', 16).toString('hex'), derive('tidemark vault-proof v1'));
   }
 }
 

@@ -1,6 +1,7 @@
 // What the three executables share: error → one line + exit code, secrets
 // from the environment or a file (never argv), JSON output.
 import { readFileSync } from 'node:fs';
+import { basename } from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
 import { TidemarkError, asTidemarkError } from './errors.js';
 
@@ -44,10 +45,30 @@ export function readPassphrase(passphraseFile?: string): string {
   throw new TidemarkError('E_USAGE', 'no passphrase: set TIDEMARK_PASSPHRASE or TIDEMARK_PASSPHRASE_FILE, or pass --passphrase-file');
 }
 
-/** A token or credential: the flag if given (argv), else TIDEMARK_TOKEN (preferred: not visible in ps). */
-export function readToken(flag?: string): string {
-  const token = flag ?? process.env.TIDEMARK_TOKEN;
-  if (!token) throw new TidemarkError('E_USAGE', 'no token: pass --token or set TIDEMARK_TOKEN');
+export const TOKEN_ARGV_WARNING = '--token is visible to other users in ps; prefer TIDEMARK_TOKEN or --token-file';
+
+/**
+ * A token or credential: --token-file FILE, --token T or TIDEMARK_TOKEN. --token stays
+ * (CLI contract) but warns: argv is readable by every local user (ps, /proc/PID/cmdline).
+ */
+export function readToken(flag?: string, file?: string): string {
+  if (flag !== undefined && file !== undefined) throw new TidemarkError('E_USAGE', 'pass either --token or --token-file, not both');
+  let token: string | undefined;
+  if (file !== undefined) {
+    try {
+      token = readFileSync(file, 'utf8');
+    } catch (err) {
+      throw new TidemarkError('E_USAGE', `cannot read token file ${file}: ${(err as Error).message}`);
+    }
+    if (!token.trim()) throw new TidemarkError('E_USAGE', `token file ${file} is empty`);
+  } else if (flag !== undefined) {
+    const program = basename(process.argv[1] ?? 'tidemark').replace(/\.js$/, '');
+    process.stderr.write(`${program}: warning: ${TOKEN_ARGV_WARNING}\n`);
+    token = flag;
+  } else {
+    token = process.env.TIDEMARK_TOKEN;
+  }
+  if (!token?.trim()) throw new TidemarkError('E_USAGE', 'no token: set TIDEMARK_TOKEN or pass --token-file FILE');
   return token.trim();
 }
 

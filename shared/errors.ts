@@ -63,12 +63,39 @@ export function isErrorCode(value: unknown): value is ErrorCode {
   return typeof value === 'string' && value in exitCodes;
 }
 
-/** Wraps anything thrown into a TidemarkError, keeping the original as cause. */
-export function asTidemarkError(err: unknown): TidemarkError {
+export interface ErrorContext {
+  /**
+   * Whose storage a full-disk or I/O error hit, for the message: `receiver` names the
+   * receiver's data directory (its replies carry the message to agents); default: this host.
+   */
+  storage?: 'receiver';
+}
+
+/** A full filesystem: ENOSPC/EDQUOT from the kernel, SQLITE_FULL from the catalog (better-sqlite3 `code`). */
+const fullCodes = new Set(['ENOSPC', 'EDQUOT', 'SQLITE_FULL']);
+
+/**
+ * Wraps anything thrown into a TidemarkError, keeping the original as cause. The one
+ * place that maps system and SQLite codes: a full disk and catalog I/O errors become
+ * E_STORAGE (retryable), with a message that says whose disk and what to do.
+ */
+export function asTidemarkError(err: unknown, context: ErrorContext = {}): TidemarkError {
   if (err instanceof TidemarkError) return err;
   const message = err instanceof Error ? err.message : String(err);
   const sysCode = (err as NodeJS.ErrnoException | undefined)?.code;
-  if (sysCode === 'ENOSPC') return new TidemarkError('E_STORAGE', `no space left on device: ${message}`, { cause: err });
+  if (typeof sysCode === 'string' && (fullCodes.has(sysCode) || sysCode.startsWith('SQLITE_IOERR'))) {
+    const receiver = context.storage === 'receiver';
+    const detail = message.startsWith(sysCode) ? message : `${sysCode}: ${message}`;
+    const text = fullCodes.has(sysCode)
+      ? receiver
+        ? `receiver disk full: no space left in the receiver's data directory (${detail}); ` +
+          'free space on that filesystem or run tidemark-receiver prune; replication pauses and resumes by itself once there is room'
+        : `disk full: no space left on device (${detail}); free space on that filesystem and retry`
+      : receiver
+        ? `receiver storage I/O error (${detail}); check the disk of the receiver's data directory (free space, kernel log); the request can be retried`
+        : `storage I/O error (${detail}); check the disk (free space, kernel log) and retry`;
+    return new TidemarkError('E_STORAGE', text, { cause: err });
+  }
   if (sysCode === 'ENOENT' || sysCode === 'EACCES' || sysCode === 'EISDIR') {
     return new TidemarkError('E_DISK', message, { cause: err, retryable: false });
   }

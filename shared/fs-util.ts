@@ -1,5 +1,5 @@
 // Durable file writes: temp file, write, fsync, rename, fsync the directory.
-import { closeSync, fsyncSync, openSync, renameSync, writeSync, rmSync } from 'node:fs';
+import { closeSync, fsyncSync, openSync, renameSync, writeSync, writevSync, rmSync } from 'node:fs';
 import { dirname } from 'node:path';
 
 export function fsyncDir(dir: string): void {
@@ -25,4 +25,20 @@ export function writeFileDurable(path: string, data: string | Buffer, mode = 0o6
   closeSync(fd);
   renameSync(tmp, path);
   fsyncDir(dirname(path));
+}
+
+/**
+ * Writes every byte of `buffers` at `position`, or throws. A write(2) on a nearly full
+ * filesystem may write only part of what it was given and report success; the rest
+ * is retried, and the retry then fails with ENOSPC instead of leaving a silent gap.
+ */
+export function writeAllSync(fd: number, buffers: Buffer[], position: number): void {
+  let pending = buffers.filter((b) => b.length > 0);
+  while (pending.length > 0) {
+    let written = writevSync(fd, pending, position);
+    if (written === 0) throw Object.assign(new Error(`write made no progress at offset ${position}`), { code: 'ENOSPC' });
+    position += written;
+    while (pending.length > 0 && written >= pending[0]!.length) written -= pending.shift()!.length;
+    if (written > 0) pending[0] = pending[0]!.subarray(written);
+  }
 }

@@ -29,7 +29,7 @@ const keyFileSchema = z.object({
   createdAt: z.string(),
 });
 
-type KeyFile = z.infer<typeof keyFileSchema>;
+export type KeyFile = z.infer<typeof keyFileSchema>;
 
 function aad(): Buffer {
   return Buffer.from(`${KEY_FILE_FORMAT} v${KEY_FILE_VERSION}`);
@@ -65,6 +65,19 @@ export function createKeyFile(path: string, passphrase: string): Buffer {
 }
 
 export function openKeyFile(path: string, passphrase: string): Buffer {
+  const file = readKeyFile(path);
+  const decipher = createDecipheriv('aes-256-gcm', deriveWrappingKey(passphrase, file.kdf), Buffer.from(file.nonce, 'base64'));
+  decipher.setAAD(aad());
+  decipher.setAuthTag(Buffer.from(file.tag, 'base64'));
+  try {
+    return Buffer.concat([decipher.update(Buffer.from(file.ciphertext, 'base64')), decipher.final()]);
+  } catch {
+    throw new TidemarkError('E_PASSPHRASE', `wrong passphrase for key file ${path}: set TIDEMARK_PASSPHRASE or --passphrase-file to the passphrase the key was created with`);
+  }
+}
+
+/** Reads and checks a key file without the passphrase: format, version, safe scrypt parameters (E_KEY_FILE). */
+export function readKeyFile(path: string): KeyFile {
   let raw: string;
   try {
     raw = readFileSync(path, 'utf8');
@@ -82,14 +95,7 @@ export function openKeyFile(path: string, passphrase: string): Buffer {
   if (!powerOfTwo || N < SCRYPT_MIN.N || N > SCRYPT_MAX_N || r < SCRYPT_MIN.r || r > 32 || p < 1 || p > 16) {
     throw new TidemarkError('E_KEY_FILE', `key file ${path} has unsafe or invalid scrypt parameters (N=${N}, r=${r}, p=${p}); restore it from your key backup`);
   }
-  const decipher = createDecipheriv('aes-256-gcm', deriveWrappingKey(passphrase, file.kdf), Buffer.from(file.nonce, 'base64'));
-  decipher.setAAD(aad());
-  decipher.setAuthTag(Buffer.from(file.tag, 'base64'));
-  try {
-    return Buffer.concat([decipher.update(Buffer.from(file.ciphertext, 'base64')), decipher.final()]);
-  } catch {
-    throw new TidemarkError('E_PASSPHRASE', `wrong passphrase for key file ${path}: set TIDEMARK_PASSPHRASE or --passphrase-file to the passphrase the key was created with`);
-  }
+  return file;
 }
 
 function checkPassphrase(passphrase: string): void {

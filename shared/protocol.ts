@@ -3,10 +3,13 @@
 // as `{t: 'ok', rid, ...}` or `{t: 'error', rid, code, message, retryable}`.
 // Both sides validate every frame against the schemas below; anything else is
 // a protocol error.
-import { Packr } from 'msgpackr';
+// `msgpackr/pack` is msgpackr's pure-JavaScript build: its native string extractor
+// (msgpackr-extract) trusts declared lengths and must never see network bytes.
+import { Packr } from 'msgpackr/pack';
 import { z } from 'zod';
 import { CHUNK_ID_BYTES, CHUNK_OVERHEAD_BYTES } from './chunk-crypto.js';
 import { TidemarkError, isErrorCode, type ErrorCode } from './errors.js';
+import { checkMsgpackFrame } from './msgpack-guard.js';
 
 export const PROTOCOL_VERSION = 1;
 export const PROTOCOL_HEADER = 'tidemark-protocol';
@@ -31,10 +34,12 @@ const id32 = bin.refine((b) => b.length === CHUNK_ID_BYTES, 'chunk id must be 32
 const uint = z.number().int().min(0).max(Number.MAX_SAFE_INTEGER);
 const name = z.string().min(1).max(255);
 const vaultId = z.string().regex(/^[0-9a-f]{32}$/);
+/** VaultKeys.vaultProof: shows the sender holds the vault's key (SPEC §6.2). */
+const vaultProof = bin.refine((b) => b.length === 32, 'vault proof must be 32 bytes');
 
 export const requestSchemas = {
-  enroll: z.object({ t: z.literal('enroll'), rid, host: name, vaultId }),
-  hello: z.object({ t: z.literal('hello'), rid, vaultId }),
+  enroll: z.object({ t: z.literal('enroll'), rid, host: name, vaultId, vaultProof }),
+  hello: z.object({ t: z.literal('hello'), rid, vaultId, vaultProof }),
   'disk.register': z.object({
     t: z.literal('disk.register'), rid, name,
     sizeBytes: uint,
@@ -99,6 +104,8 @@ export function encodeFrame(message: object): Buffer {
 }
 
 function decodeMap(frame: Buffer): Record<string, unknown> {
+  // Every declared length and count checked against the frame before a decoder trusts it.
+  checkMsgpackFrame(frame);
   let value: unknown;
   try {
     value = packr.unpack(frame);

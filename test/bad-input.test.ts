@@ -8,7 +8,9 @@ import WebSocket from 'ws';
 import { connectPinned } from '../shared/connection.js';
 import { encodeFrame, MAX_FRAME_BYTES, PROTOCOL_HEADER, SESSION_PATH } from '../shared/protocol.js';
 import { Packr } from 'msgpackr';
-import { Deployment, runCli } from './harness.js';
+import { VaultKeys } from '../shared/chunk-crypto.js';
+import { openKeyFile } from '../shared/keyfile.js';
+import { Deployment, PASSPHRASE, runCli } from './harness.js';
 import { sha256File, writeMixedImage } from './fixtures.js';
 
 const MiB = 1024 * 1024;
@@ -110,10 +112,13 @@ describe('bad input', () => {
     const ws = await rawSession(d, d.restoreToken);
     const replies: any[] = [];
     ws.on('message', (data: Buffer) => replies.push(new Packr({ mapsAsObjects: true }).unpack(data)));
-    ws.send(encodeFrame({ t: 'hello', rid: 1, vaultId: '0'.repeat(32) }));
+    // A restore token with the vault's key file: hello succeeds, writing does not.
+    const keys = VaultKeys.fromMaster(openKeyFile(d.keyFile, PASSPHRASE));
+    ws.send(encodeFrame({ t: 'hello', rid: 1, vaultId: keys.vaultId, vaultProof: keys.vaultProof }));
     ws.send(encodeFrame({ t: 'point.begin', rid: 2, resume: null }));
     await new Promise((r) => setTimeout(r, 300));
     ws.close();
+    assert.equal(replies.find((m) => m.rid === 1)?.t, 'ok');
     const begin = replies.find((m) => m.rid === 2);
     assert.equal(begin?.t, 'error');
     assert.equal(begin?.code, 'E_FORBIDDEN');

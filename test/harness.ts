@@ -49,6 +49,9 @@ export function tempDir(prefix = 'tidemark-test-'): string {
 }
 
 export class ReceiverProcess {
+  /** stderr (JSON log lines) of every serve process this object started, in order. */
+  private readonly logs: Array<() => string> = [];
+
   private constructor(
     readonly dataDir: string,
     readonly fingerprint: string,
@@ -62,27 +65,40 @@ export class ReceiverProcess {
 
   static async init(dataDir: string): Promise<ReceiverProcess> {
     const { fingerprint } = await runJson<{ fingerprint: string }>('receiver', ['init', '--data', dataDir]);
-    const { child, port } = await ReceiverProcess.serve(dataDir, 0);
-    return new ReceiverProcess(dataDir, fingerprint, child, port);
+    const { child, port, log } = await ReceiverProcess.serve(dataDir, 0);
+    const receiver = new ReceiverProcess(dataDir, fingerprint, child, port);
+    receiver.logs.push(log);
+    return receiver;
   }
 
-  private static serve(dataDir: string, port: number): Promise<{ child: ChildProcess; port: number }> {
+  private static serve(dataDir: string, port: number): Promise<{ child: ChildProcess; port: number; log: () => string }> {
     const child = spawnCli('receiver', ['serve', '--data', dataDir, '--listen', `127.0.0.1:${port}`], { TIDEMARK_LOG_LEVEL: 'info' });
     return new Promise((resolve, reject) => {
       let buffered = '';
+      let listening = false;
       child.stderr!.on('data', (d: Buffer) => {
         buffered += d.toString();
+        if (listening) return;
         const line = buffered.split('\n').find((l) => l.includes('"msg":"listening"'));
-        if (line) resolve({ child, port: (JSON.parse(line) as { port: number }).port });
+        if (!line) return;
+        listening = true;
+        resolve({ child, port: (JSON.parse(line) as { port: number }).port, log: () => buffered });
       });
       child.once('exit', (code) => reject(new Error(`receiver exited ${code} before listening: ${buffered}`)));
     });
   }
 
-  /** Restarts on the same port (agents keep their address). */
-  async restart(): Promise<void> {
-    await this.stop();
-    this.child = (await ReceiverProcess.serve(this.dataDir, this.port)).child;
+  /** Restarts on the same port (agents keep their address); `SIGKILL` for a crash. */
+  async restart(signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
+    await this.stop(signal);
+    const { child, log } = await ReceiverProcess.serve(this.dataDir, this.port);
+    this.child = child;
+    this.logs.push(log);
+  }
+
+  /** The receiver's log (stderr JSON lines) across restarts. */
+  get log(): string {
+    return this.logs.map((l) => l()).join('');
   }
 
   get pid(): number {
