@@ -1,17 +1,21 @@
 // tidemark-agent: enroll, scan, run, status (CLI contract: DESIGN §9, README).
+import { readFileSync } from 'node:fs';
 import { resolve } from 'node:path';
+import { z } from 'zod';
 import { Command, Option } from 'commander';
 import { VaultKeys } from '../shared/chunk-crypto.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import { openKeyFile } from '../shared/keyfile.js';
 import { createLogger } from '../shared/log.js';
-import { DEFAULT_BLOCK_BYTES, MAX_BLOCK_BYTES, MIN_BLOCK_BYTES } from '../shared/protocol.js';
+import { MAX_BLOCK_BYTES, MIN_BLOCK_BYTES } from '../shared/protocol.js';
 import { passphraseFileOption, printJson, readPassphrase, readToken, runCli } from '../shared/cli-util.js';
 import { formatBytes, parseDurationMs, parseSizeBytes } from '../shared/units.js';
 import { describeDisk, listBlockDevices } from './disks.js';
 import { KEY_BACKUP_WARNING, enroll } from './enroll.js';
+import { registerKeyCommand } from './key.js';
 import { AgentState } from './state.js';
-import { syncOnce, type SyncResult } from './sync.js';
+import { replicate, type PointEvent } from './replicator.js';
+import { syncOnce } from './sync.js';
 
 const program = new Command('tidemark-agent').description('Tidemark agent: replicates this host\'s disks to a receiver');
 
@@ -20,20 +24,23 @@ program.command('enroll')
   .requiredOption('--state <dir>', 'agent state directory')
   .requiredOption('--receiver <url>', 'receiver address, wss://HOST:PORT')
   .requiredOption('--fingerprint <fp>', 'receiver TLS certificate fingerprint (from tidemark-receiver init)')
-  .option('--token <token>', 'one-time enrollment token (or TIDEMARK_TOKEN)')
+  .option('--token <token>', 'one-time enrollment token (visible in ps: prefer TIDEMARK_TOKEN or --token-file)')
+  .option('--token-file <file>', 'file holding the one-time enrollment token')
   .requiredOption('--key-file <file>', 'vault key file (created if absent; passphrase from TIDEMARK_PASSPHRASE)')
   .option('--host <name>', 'name of this host on the receiver (default: hostname)')
   .addOption(passphraseFileOption())
   .option('--json', 'print the result as JSON')
-  .action(async (opts: { state: string; receiver: string; fingerprint: string; token?: string; keyFile: string; host?: string; passphraseFile?: string; json?: boolean }) => {
+  .action(async (opts: { state: string; receiver: string; fingerprint: string; token?: string; tokenFile?: string; keyFile: string; host?: string; passphraseFile?: string; json?: boolean }) => {
     const result = await enroll({
-      stateDir: opts.state, receiverUrl: opts.receiver, fingerprint: opts.fingerprint, token: readToken(opts.token),
+      stateDir: opts.state, receiverUrl: opts.receiver, fingerprint: opts.fingerprint, token: readToken(opts.token, opts.tokenFile),
       keyFile: opts.keyFile, host: opts.host, passphrase: readPassphrase(opts.passphraseFile),
     });
     if (result.keyCreated) process.stderr.write(KEY_BACKUP_WARNING(opts.keyFile));
     if (opts.json) return printJson(result);
     process.stdout.write(`Enrolled host ${result.host} (vault ${result.vaultId}) with ${opts.receiver}\n`);
   });
+
+registerKeyCommand(program);
 
 program.command('scan')
   .description('list disks with size, sector size and bytes holding data')
@@ -51,38 +58,37 @@ program.command('scan')
 
 program.command('run')
   .description('replicate the disks: continuously, or one cycle with --once')
-  .requiredOption('--state <dir>', 'agent state directory')
-  .option('--disk <path>', 'disk or image file to protect (repeatable)', (v: string, all: string[]) => [...all, v], [] as string[])
-  .option('--interval <duration>', 'time between recovery points', '10s')
-  .option('--block-size <size>', 'block size for disks synced the first time (power of two, 4K..1M)', '64K')
+  .option('--config <file>', 'JSON settings {state, disks, interval, blockSize, bwlimit, tracker}; flags override them')
+  .option('--state <dir>', 'agent state directory')
+  .option('--disk <path>', 'disk or image file to protect (repeatable)', (v: string, all: string[] = []) => [...all, v])
+  .option('--interval <duration>', 'time between recovery points (default 10s)')
+  .option('--block-size <size>', 'block size for disks synced the first time, a power of two from 4K to 1M (default 64K)')
   .option('--bwlimit <size>', 'cap on bytes sent per second, e.g. 20M (default: unlimited)')
-  .addOption(new Option('--tracker <kind>', 'change tracking').choices(['auto', 'tracefs', 'scan']).default('auto'))
+  .addOption(new Option('--tracker <kind>', 'change tracking (default auto: tracefs for block devices when available)').choices(['auto', 'tracefs', 'scan']))
   .option('--once', 'one sync cycle (initial or incremental), commit one point, exit')
   .addOption(passphraseFileOption())
-  .option('--json', 'progress and the result as JSON lines on stdout')
-  .action(async (opts: RunOptions) => {
-    if (opts.disk.length === 0) throw new TidemarkError('E_USAGE', 'no disk given: pass --disk PATH (repeatable)');
-    if (opts.tracker === 'tracefs') throw new TidemarkError('E_USAGE', 'the tracefs tracker is not available in this version; use --tracker scan (or auto)');
+  .option('--json', 'progress and each point as JSON lines on stdout')
+  .action(async (flags: RunFlags) => {
+    const opts = withConfig(flags);
     const blockBytes = parseSizeBytes(opts.blockSize);
     if (blockBytes < MIN_BLOCK_BYTES || blockBytes > MAX_BLOCK_BYTES || (blockBytes & (blockBytes - 1)) !== 0) {
       throw new TidemarkError('E_USAGE', `--block-size must be a power of two from 4K to 1M (got ${opts.blockSize})`);
     }
     const intervalMs = parseDurationMs(opts.interval);
-    const bytesPerSecond = opts.bwlimit ? parseSizeBytes(opts.bwlimit) : 0;
+    if (intervalMs < 1000) throw new TidemarkError('E_USAGE', '--interval must be at least 1s');
     const state = AgentState.open(opts.state, { mustBeEnrolled: true });
-    const log = createLogger('tidemark-agent', opts.once ? 'warn' : 'info');
+    const log = createLogger('tidemark-agent', flags.once ? 'warn' : 'info');
     try {
-      const keys = VaultKeys.fromMaster(openKeyFile(state.enrollment()!.keyFile, readPassphrase(opts.passphraseFile)));
-      state.saveStatus({ tracker: 'scan', reason: opts.tracker === 'auto' ? 'hash scan (kernel tracking is not available in this version)' : 'hash scan' });
-      // Disks are named by absolute path: `disk.img` and `./disk.img` are one disk.
-      const sync = () => syncOnce({ state, keys, diskPaths: opts.disk.map((p) => resolve(p)), blockBytes: blockBytes || DEFAULT_BLOCK_BYTES, bytesPerSecond, json: !!opts.json, log });
-      if (opts.once) {
-        const result = await sync();
-        reportResult(result, !!opts.json);
+      const keys = VaultKeys.fromMaster(openKeyFile(state.enrollment()!.keyFile, readPassphrase(flags.passphraseFile)));
+      const common = { state, keys, diskPaths: opts.disks, blockBytes, bytesPerSecond: opts.bwlimit ? parseSizeBytes(opts.bwlimit) : 0, json: !!flags.json, log };
+      if (flags.once) {
+        state.saveStatus({ tracker: 'scan', reason: 'run --once compares block hashes' });
+        const result = await syncOnce(common);
+        reportResult({ ...result, tracker: 'scan', mode: result.initial ? 'initial' : 'incremental' }, !!flags.json);
         if (result.crashConsistent) state.saveStatus({ reason: 'run --once finished; changes are not replicated until the next run' });
         return;
       }
-      await runContinuously(state, sync, intervalMs, !!opts.json, log);
+      await replicate({ ...common, intervalMs, tracker: opts.tracker }, (point) => reportResult(point, !!flags.json));
     } catch (err) {
       const error = asTidemarkError(err);
       state.saveStatus({ state: 'Error', reason: error.message });
@@ -92,55 +98,51 @@ program.command('run')
     }
   });
 
-interface RunOptions {
-  state: string; disk: string[]; interval: string; blockSize: string; bwlimit?: string;
-  tracker: 'auto' | 'tracefs' | 'scan'; once?: boolean; passphraseFile?: string; json?: boolean;
+interface RunFlags {
+  config?: string; state?: string; disk?: string[]; interval?: string; blockSize?: string; bwlimit?: string;
+  tracker?: 'auto' | 'tracefs' | 'scan'; once?: boolean; passphraseFile?: string; json?: boolean;
 }
 
-function reportResult(result: SyncResult, json: boolean): void {
+const runConfigSchema = z.object({
+  state: z.string().optional(),
+  disks: z.array(z.string()).optional(),
+  interval: z.string().optional(),
+  blockSize: z.string().optional(),
+  bwlimit: z.string().optional(),
+  tracker: z.enum(['auto', 'tracefs', 'scan']).optional(),
+}).strict();
+
+/** Flags over the --config file over defaults. Disks are named by absolute path: `disk.img` and `./disk.img` are one disk. */
+function withConfig(flags: RunFlags) {
+  let config: z.infer<typeof runConfigSchema> = {};
+  if (flags.config) {
+    try {
+      config = runConfigSchema.parse(JSON.parse(readFileSync(flags.config, 'utf8')));
+    } catch (err) {
+      throw new TidemarkError('E_USAGE', `invalid --config ${flags.config}: ${(err as Error).message.split('\n')[0]}; see deploy/agent.example.json`);
+    }
+  }
+  const state = flags.state ?? config.state;
+  const disks = (flags.disk ?? config.disks ?? []).map((p) => resolve(p));
+  if (!state) throw new TidemarkError('E_USAGE', 'no state directory: pass --state DIR (or "state" in --config)');
+  if (disks.length === 0) throw new TidemarkError('E_USAGE', 'no disk given: pass --disk PATH (repeatable) or "disks" in --config');
+  return {
+    state, disks,
+    interval: flags.interval ?? config.interval ?? '10s',
+    blockSize: flags.blockSize ?? config.blockSize ?? '64K',
+    bwlimit: flags.bwlimit ?? config.bwlimit,
+    tracker: flags.tracker ?? config.tracker ?? 'auto',
+  };
+}
+
+function reportResult(result: PointEvent, json: boolean): void {
   if (json) return void process.stdout.write(JSON.stringify({ event: 'point', ...result }) + '\n');
   process.stdout.write(
-    `point ${result.pointId} at ${result.time}${result.crashConsistent ? '' : ' (NOT crash-consistent)'}: ` +
-    `read ${formatBytes(result.bytesRead)}, ${result.blocksChanged} blocks changed, ` +
-    `uploaded ${result.chunksUploaded} chunks (${formatBytes(result.bytesUploaded)}), ${result.chunksDeduplicated} already stored, ` +
-    `${(result.durationMs / 1000).toFixed(1)} s\n`,
+    `point ${result.pointId} at ${result.time}${result.crashConsistent ? '' : ' (NOT crash-consistent)'} [${result.tracker}, ${result.mode}]: ` +
+    `read ${formatBytes(result.bytesRead ?? 0)}, ${result.blocksChanged ?? 0} blocks changed, ` +
+    `uploaded ${result.chunksUploaded ?? 0} chunks (${formatBytes(result.bytesUploaded ?? 0)}), ${result.chunksDeduplicated ?? 0} already stored, ` +
+    `${((result.durationMs ?? 0) / 1000).toFixed(1)} s\n`,
   );
-}
-
-/** Hash-scan replication: one cycle per interval; retryable failures back off and retry. */
-async function runContinuously(state: AgentState, sync: () => Promise<SyncResult>, intervalMs: number, json: boolean, log: ReturnType<typeof createLogger>): Promise<void> {
-  let stopping = false;
-  let wake: () => void = () => {};
-  const stop = () => {
-    stopping = true;
-    wake();
-  };
-  process.once('SIGTERM', stop);
-  process.once('SIGINT', stop);
-  let backoffMs = 1000;
-  while (!stopping) {
-    const startedMs = Date.now();
-    let delayMs: number;
-    try {
-      reportResult(await sync(), json);
-      backoffMs = 1000;
-      delayMs = Math.max(0, intervalMs - (Date.now() - startedMs));
-    } catch (err) {
-      const error = asTidemarkError(err);
-      if (!error.retryable) throw error;
-      state.saveStatus({ state: 'Error', reason: `${error.message} (retrying in ${Math.round(backoffMs / 1000)} s)` });
-      log.warn({ code: error.code, reason: error.message, retryInMs: backoffMs }, 'sync failed; will retry');
-      delayMs = backoffMs;
-      backoffMs = Math.min(backoffMs * 2, 60_000);
-    }
-    await new Promise<void>((resolve) => {
-      const timer = setTimeout(resolve, delayMs);
-      wake = () => {
-        clearTimeout(timer);
-        resolve();
-      };
-    });
-  }
 }
 
 program.command('status')

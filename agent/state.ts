@@ -118,6 +118,17 @@ export class AgentState {
     this.set({ status: JSON.stringify({ ...this.status(), ...update, updatedMs: Date.now() }) });
   }
 
+  /** The tracefs instance this agent made, to recognize it after a restart. */
+  trackingState(): { instance: string; inode: number } | null {
+    const value = this.get('tracking');
+    return value ? (JSON.parse(value) as { instance: string; inode: number }) : null;
+  }
+
+  saveTrackingState(tracking: { instance: string; inode: number } | null): void {
+    if (tracking === null) this.db.prepare(`DELETE FROM config WHERE key = 'tracking'`).run();
+    else this.set({ tracking: JSON.stringify(tracking) });
+  }
+
   /** The point this agent was building when it stopped, to resume it. */
   openPointId(): number | null {
     const value = this.get('openPointId');

@@ -15,8 +15,9 @@ import type { Logger } from '../shared/log.js';
 import { Progress, ProgressReporter } from '../shared/progress.js';
 import { MAX_IDS_PER_QUERY, SESSION_PATH } from '../shared/protocol.js';
 import { changeCounters } from './change-counter.js';
-import { DiskReader } from './disk-reader.js';
-import { describeDisk, isZeroBlock } from './disks.js';
+import { DiskReader } from '../shared/disk-reader.js';
+import { isZeroBlock } from '../shared/zero-block.js';
+import { describeDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
 
 const MAX_PASSES = 3;
@@ -56,7 +57,7 @@ interface Target {
   changedBytes: number;
 }
 
-interface Totals {
+export interface Totals {
   bytesRead: number;
   blocksChanged: number;
   chunksUploaded: number;
@@ -65,25 +66,36 @@ interface Totals {
 }
 
 const zeroHashes = new Map<number, bigint>();
-function zeroHash(blockBytes: number): bigint {
+export function zeroHash(blockBytes: number): bigint {
   let hash = zeroHashes.get(blockBytes);
   if (hash === undefined) zeroHashes.set(blockBytes, (hash = xxh3.xxh64(Buffer.alloc(blockBytes))));
   return hash;
 }
 
-export async function syncOnce(opts: SyncOptions): Promise<SyncResult> {
-  const startedMs = Date.now();
-  const { state } = opts;
+/** Connects to the enrolled receiver and says hello: a session ready for requests. */
+export async function openSession(state: AgentState, keys: VaultKeys, bytesPerSecond: number): Promise<ReceiverConnection> {
   const enrollment = state.enrollment()!;
   const conn = await ReceiverConnection.open({
     url: enrollment.receiverUrl,
     fingerprint: enrollment.fingerprint,
     path: SESSION_PATH,
     authorization: `Bearer ${state.credential()}`,
-    bytesPerSecond: opts.bytesPerSecond,
+    bytesPerSecond,
   });
   try {
-    await conn.request('hello', { vaultId: opts.keys.vaultId });
+    await conn.request('hello', { vaultId: keys.vaultId, vaultProof: keys.vaultProof });
+  } catch (err) {
+    conn.close();
+    throw err;
+  }
+  return conn;
+}
+
+export async function syncOnce(opts: SyncOptions): Promise<SyncResult> {
+  const startedMs = Date.now();
+  const { state } = opts;
+  const conn = await openSession(state, opts.keys, opts.bytesPerSecond);
+  try {
     state.saveStatus({ state: 'Scanning', reason: 'reading disk geometry' });
     const registered = await Promise.all(opts.diskPaths.map((path) => registerDisk(conn, state, path, opts.blockBytes)));
     const begun = await conn.request('point.begin', { resume: state.openPointId() });
@@ -149,7 +161,7 @@ function adoptCommittedPending(state: AgentState, record: DiskRecord): void {
   state.saveDisk(record);
 }
 
-async function registerDisk(conn: ReceiverConnection, state: AgentState, path: string, blockBytes: number) {
+export async function registerDisk(conn: ReceiverConnection, state: AgentState, path: string, blockBytes: number) {
   const info = await describeDisk(path, { measureData: false });
   const known = state.disk(path);
   const reg = await conn.request('disk.register', {
@@ -218,7 +230,7 @@ async function scanPass(
   reporter.done();
 }
 
-function blockOf(data: Buffer, index: number, blockBytes: number): Buffer {
+export function blockOf(data: Buffer, index: number, blockBytes: number): Buffer {
   return data.subarray(index * blockBytes, Math.min((index + 1) * blockBytes, data.length));
 }
 
@@ -226,7 +238,7 @@ function blockOf(data: Buffer, index: number, blockBytes: number): Buffer {
  * Ships changed blocks of one read batch: ask which chunks the vault lacks,
  * upload those, then stage the block versions. Returns the bytes changed.
  */
-async function shipBlocks(
+export async function shipBlocks(
   conn: ReceiverConnection, keys: VaultKeys, pointId: number, record: DiskRecord,
   first: number, data: Buffer, changed: number[], totals: Totals,
 ): Promise<number> {

@@ -1,0 +1,465 @@
+// `tidemark-agent run` without --once: keep the receiver within seconds of
+// the disks (SPEC §8.2). With tracefs, each interval ships the blocks the
+// kernel saw written; without it, each interval is a hash-scan cycle.
+// Retryable failures (receiver down, its disk full) back off and retry while
+// tracking goes on; the dirty set persists, so no full sync is ever redone.
+import { createHash } from 'node:crypto';
+import { readFileSync, statSync, writeFileSync } from 'node:fs';
+import { join, resolve } from 'node:path';
+import { xxh3 } from '@node-rs/xxhash';
+import type { VaultKeys } from '../shared/chunk-crypto.js';
+import type { ReceiverConnection } from '../shared/connection.js';
+import { DiskReader } from '../shared/disk-reader.js';
+import { TidemarkError, asTidemarkError } from '../shared/errors.js';
+import type { Logger } from '../shared/log.js';
+import { DirtyMap } from './dirty-map.js';
+import { describeDisk } from './disks.js';
+import { HashFile, type AgentState, type DiskRecord } from './state.js';
+import { blockOf, openSession, registerDisk, shipBlocks, syncOnce, type SyncResult, type Totals } from './sync.js';
+import { TraceInstance, monotonicSeconds, tracefsUnavailableReason, type TraceTarget, type WriteKind } from './tracefs.js';
+
+const MAX_ROUNDS = 12;
+const MAX_RUN_BLOCKS = 256;
+const BACKGROUND_DRAIN_MS = 50;
+
+export interface ReplicatorOptions {
+  state: AgentState;
+  keys: VaultKeys;
+  diskPaths: string[];
+  blockBytes: number;
+  bytesPerSecond: number;
+  intervalMs: number;
+  tracker: 'auto' | 'tracefs' | 'scan';
+  json: boolean;
+  log: Logger;
+}
+
+export interface PointEvent extends Partial<SyncResult> {
+  pointId: number;
+  time: string;
+  crashConsistent: boolean;
+  tracker: 'tracefs' | 'scan';
+  mode: 'initial' | 'incremental' | 'resync';
+}
+
+export async function replicate(opts: ReplicatorOptions, onPoint: (p: PointEvent) => void): Promise<void> {
+  const stop = stopSignal();
+  const images = opts.diskPaths.filter((p) => !isBlockDevice(p));
+  const unavailable = images.length > 0 ? `${images.join(', ')} ${images.length > 1 ? 'are image files' : 'is an image file'}` : tracefsUnavailableReason();
+  if (opts.tracker === 'tracefs' && unavailable) throw new TidemarkError('E_USAGE', `--tracker tracefs: ${unavailable}; use --tracker scan`);
+  if (opts.tracker === 'scan' || unavailable) {
+    opts.state.saveStatus({ tracker: 'scan', reason: opts.tracker === 'scan' ? 'hash scan (--tracker scan)' : `hash scan: ${unavailable}` });
+    return scanLoop(opts, stop, onPoint);
+  }
+  const tracker = await TracefsReplicator.start(opts, onPoint);
+  try {
+    await tracker.loop(stop);
+  } finally {
+    tracker.close(true);
+  }
+}
+
+function isBlockDevice(path: string): boolean {
+  try {
+    return statSync(path).isBlockDevice();
+  } catch {
+    return false;
+  }
+}
+
+interface Stop {
+  readonly stopped: boolean;
+  sleep(ms: number): Promise<void>;
+}
+
+function stopSignal(): Stop {
+  let stopped = false;
+  let wake = () => {};
+  const onSignal = () => {
+    stopped = true;
+    wake();
+  };
+  process.once('SIGTERM', onSignal);
+  process.once('SIGINT', onSignal);
+  return {
+    get stopped() {
+      return stopped;
+    },
+    sleep: (ms) => new Promise<void>((r) => {
+      if (stopped) return r();
+      const timer = setTimeout(r, ms);
+      wake = () => {
+        clearTimeout(timer);
+        r();
+      };
+    }),
+  };
+}
+
+/** Runs `cycle` every interval; retryable failures back off (1 s doubling to 60 s). */
+async function everyInterval(opts: ReplicatorOptions, stop: Stop, cycle: () => Promise<void>): Promise<void> {
+  let backoffMs = 1000;
+  while (!stop.stopped) {
+    const startedMs = Date.now();
+    try {
+      await cycle();
+      backoffMs = 1000;
+      await stop.sleep(Math.max(0, opts.intervalMs - (Date.now() - startedMs)));
+    } catch (err) {
+      const error = asTidemarkError(err);
+      if (!error.retryable) throw error;
+      opts.state.saveStatus({ state: 'Error', reason: `${error.message} (retrying in ${Math.round(backoffMs / 1000)} s)` });
+      opts.log.warn({ code: error.code, reason: error.message, retryInMs: backoffMs }, 'cycle failed; will retry');
+      await stop.sleep(backoffMs);
+      backoffMs = Math.min(backoffMs * 2, 60_000);
+    }
+  }
+}
+
+async function scanLoop(opts: ReplicatorOptions, stop: Stop, onPoint: (p: PointEvent) => void): Promise<void> {
+  await everyInterval(opts, stop, async () => {
+    const r = await syncOnce({ ...opts, diskPaths: opts.diskPaths });
+    onPoint({ ...r, tracker: 'scan', mode: r.initial ? 'initial' : 'incremental' });
+  });
+}
+
+interface Tracked {
+  record: DiskRecord;
+  blockCount: number;
+  /** Written since the current cut. */
+  pending: DirtyMap;
+  /** The blocks being read in the current round. */
+  reading: DirtyMap | null;
+  /** Written before the cut but learned after it: still to be read in this round. */
+  late: DirtyMap;
+  /** Writes issued or completed after the cut, this round (monotonic s). */
+  eventsAfterCut: Array<{ first: number; last: number; kind: WriteKind; at: number }>;
+  /** Per block read this round: when its read started and ended (monotonic s). */
+  readSpan: Map<number, [number, number]>;
+  /** Everything not yet in a committed point: the persisted view. */
+  unshipped: DirtyMap;
+  touched: Set<number>;
+}
+
+class TracefsReplicator {
+  private conn: ReceiverConnection | null = null;
+  private needScan: string | null;
+  private lostBaseline: number;
+  private drainTimer: NodeJS.Timeout;
+  private readingFlag: string;
+
+  private constructor(
+    private readonly opts: ReplicatorOptions,
+    private readonly instance: TraceInstance,
+    private readonly disks: Tracked[],
+    needScan: string | null,
+    private readonly onPoint: (p: PointEvent) => void,
+  ) {
+    this.needScan = needScan;
+    this.lostBaseline = instance.lostEvents();
+    this.readingFlag = join(opts.state.dir, 'tracefs.reading');
+    // Keep the kernel buffer drained between cycles, also while a scan or an outage lasts.
+    this.drainTimer = setInterval(() => this.drain(), BACKGROUND_DRAIN_MS);
+  }
+
+  static async start(opts: ReplicatorOptions, onPoint: (p: PointEvent) => void): Promise<TracefsReplicator> {
+    const { state } = opts;
+    const infos = await Promise.all(opts.diskPaths.map((p) => describeDisk(p, { measureData: false })));
+    const targets: TraceTarget[] = infos.map((info) => {
+      const [major, minor] = (info.parentDevMajorMinor ?? info.devMajorMinor!).split(':').map(Number) as [number, number];
+      const blockBytes = state.disk(info.path)?.blockBytes ?? opts.blockBytes;
+      return { dev: (major << 20) | minor, startSector: info.partitionStartSector, sectors: info.sizeBytes / 512, blockBytes };
+    });
+    const name = `tidemark-${createHash('sha256').update(resolve(state.dir)).digest('hex').slice(0, 12)}`;
+    const instance = TraceInstance.open(name, targets);
+    const saved = state.trackingState();
+    const interrupted = readFlag(join(state.dir, 'tracefs.reading'));
+    const disks: Tracked[] = infos.map((info, i) => {
+      const record = state.disk(info.path);
+      const blockCount = Math.ceil(info.sizeBytes / targets[i]!.blockBytes);
+      const loaded = record ? DirtyMap.load(dirtyPath(state, record.diskId), blockCount) : null;
+      return {
+        record: record ?? ({ path: info.path, diskId: -1, sizeBytes: info.sizeBytes, blockBytes: targets[i]!.blockBytes, hasBaseline: false, watermark: 0 } as DiskRecord),
+        blockCount,
+        pending: loaded ?? DirtyMap.empty(blockCount),
+        reading: null,
+        late: DirtyMap.empty(blockCount),
+        eventsAfterCut: [],
+        readSpan: new Map<number, [number, number]>(),
+        unshipped: DirtyMap.empty(blockCount),
+        touched: new Set<number>(),
+      };
+    });
+    for (const d of disks) d.unshipped.or(d.pending);
+    const continuity =
+      instance.fresh ? 'tracking (re)started: the tracefs instance was not there (first start or reboot)'
+      : saved?.inode !== instance.inode() ? 'the tracefs instance is not the one this agent made'
+      : interrupted ? 'the agent stopped while reading events'
+      : disks.some((d) => DirtyMap.load(dirtyPath(state, d.record.diskId), d.blockCount) === null) ? 'no saved dirty map'
+      : null;
+    state.saveTrackingState({ instance: name, inode: instance.inode() });
+    state.saveStatus({ tracker: 'tracefs', reason: continuity ? `kernel tracking; ${continuity}` : 'kernel tracking resumed from buffered events' });
+    const needScan = disks.some((d) => !d.record.hasBaseline) ? 'initial' : continuity;
+    return new TracefsReplicator(opts, instance, disks, needScan, onPoint);
+  }
+
+  close(removeInstance: boolean): void {
+    clearInterval(this.drainTimer);
+    this.conn?.close();
+    this.instance.close(removeInstance);
+    if (removeInstance) this.opts.state.saveTrackingState(null);
+  }
+
+  async loop(stop: Stop): Promise<void> {
+    await everyInterval(this.opts, stop, async () => {
+      const lost = this.instance.lostEvents();
+      if (lost > this.lostBaseline) {
+        this.needScan = `tracking lost ${lost - this.lostBaseline} events (trace ring buffer overrun)`;
+        this.lostBaseline = lost;
+      }
+      if (this.needScan) return this.scan();
+      await this.cycle();
+    });
+  }
+
+  /** The current cut, CLOCK_MONOTONIC seconds (comparable with event times). */
+  private cutMonotonic = Infinity;
+
+  private onWrite = (target: number, first: number, last: number, kind: WriteKind, atSeconds: number) => {
+    const d = this.disks[target]!;
+    const lastBlock = Math.min(last, d.blockCount - 1);
+    d.pending.mark(first, lastBlock);
+    d.unshipped.mark(first, lastBlock, d.touched);
+    if (!d.reading) return;
+    // Issued before the cut but read from the kernel after it: part of this point, still to be read.
+    if (atSeconds <= this.cutMonotonic) return d.late.mark(first, lastBlock);
+    d.eventsAfterCut.push({ first, last: lastBlock, kind, at: atSeconds });
+  };
+
+  /** Reads what the kernel has; a flag file brackets the read so that a kill inside it forces a rescan. */
+  private drain(marker?: string): boolean {
+    writeFileSync(this.readingFlag, '1');
+    const seen = this.instance.drain(this.onWrite, marker);
+    for (const d of this.disks) if (d.record.diskId >= 0) d.unshipped.saveBytes(dirtyPath(this.opts.state, d.record.diskId), d.touched);
+    writeFileSync(this.readingFlag, '0');
+    return seen;
+  }
+
+  /** Returns once every event issued before now has been read from the kernel. */
+  private async catchUp(): Promise<void> {
+    const marker = this.instance.mark();
+    const deadline = Date.now() + 10_000;
+    while (!this.drain(marker)) {
+      if (Date.now() > deadline) throw new TidemarkError('E_STATE', 'tracefs marker did not come back within 10 s');
+      await new Promise((r) => setTimeout(r, 1));
+    }
+  }
+
+  /** Initial sync or resync by hash scan while tracking runs; what is written meanwhile is dirty. */
+  private async scan(): Promise<void> {
+    const mode = this.needScan === 'initial' ? 'initial' : 'resync';
+    if (mode === 'resync') this.opts.state.saveStatus({ state: 'Resyncing', reason: this.needScan });
+    this.opts.log.info({ reason: this.needScan }, mode === 'initial' ? 'initial sync' : 'resync by hash comparison');
+    const r = await syncOnce({ ...this.opts });
+    for (const d of this.disks) {
+      d.record = this.opts.state.disk(d.record.path)!;
+      d.unshipped.or(d.pending);
+      d.unshipped.save(dirtyPath(this.opts.state, d.record.diskId));
+    }
+    this.needScan = null;
+    this.opts.state.saveStatus({ tracker: 'tracefs', reason: null });
+    this.onPoint({ ...r, tracker: 'tracefs', mode });
+  }
+
+  private async session(): Promise<ReceiverConnection> {
+    if (this.conn?.isOpen) return this.conn;
+    this.conn?.close();
+    const conn = await openSession(this.opts.state, this.opts.keys, this.opts.bytesPerSecond);
+    for (const d of this.disks) await registerDisk(conn, this.opts.state, d.record.path, d.record.blockBytes);
+    this.conn = conn;
+    return conn;
+  }
+
+  /**
+   * One recovery point. A round takes the cut T and at once reads the blocks
+   * known dirty; then catches up with the kernel: blocks written before T but
+   * not yet known are read too, and a block is clean unless a write to it was
+   * issued after T and before its read ended. A clean round is the disks'
+   * state at T; otherwise the next round cuts again (at most MAX_ROUNDS).
+   */
+  private async cycle(): Promise<void> {
+    const { state } = this.opts;
+    const startedMs = Date.now();
+    const conn = await this.session();
+    // After a restart mid-point the shipped hashes may lag the receiver: ship dirty blocks whatever their hash.
+    const force = state.openPointId() !== null;
+    const begun = await conn.request('point.begin', { resume: state.openPointId() });
+    state.setOpenPointId(begun.pointId);
+    const shippedHashes = this.disks.map(() => new Map<number, bigint>());
+    const totals: Totals = { bytesRead: 0, blocksChanged: 0, chunksUploaded: 0, bytesUploaded: 0, chunksDeduplicated: 0 };
+    const changedBytes = this.disks.map(() => 0);
+    let consistent = false;
+    let cutMs = 0;
+    for (let round = 1; !consistent && round <= MAX_ROUNDS; round++) {
+      this.drain();
+      this.cutMonotonic = monotonicSeconds();
+      cutMs = Date.now();
+      const reads = await Promise.all(this.disks.map((d) => this.readBlocks(d, this.startRound(d), totals)));
+      for (let more = true; more; ) {
+        await this.catchUp();
+        more = false;
+        for (const [i, d] of this.disks.entries()) {
+          const late = this.takeLate(d);
+          if (late) {
+            reads[i]!.push(...(await this.readBlocks(d, late, totals)));
+            more = true;
+          }
+        }
+      }
+      const at = this.consistentInstant();
+      consistent = at !== null;
+      if (at !== null) cutMs = Math.round(Date.now() - (monotonicSeconds() - at) * 1000);
+      for (const d of this.disks) d.reading = null;
+      for (const [i, d] of this.disks.entries()) {
+        changedBytes[i] += await this.ship(conn, begun.pointId, d, reads[i]!, shippedHashes[i]!, force, totals);
+      }
+      // Not clean: what was written since T (the blocks that moved included) is read at the next cut,
+      // and if no round is clean, by the next point.
+    }
+    await conn.request('point.commit', {
+      pointId: begun.pointId, timeMs: cutMs, crashConsistent: consistent,
+      disks: this.disks.map((d, i) => ({ diskId: d.record.diskId, changedBytes: changedBytes[i]! })),
+    });
+    this.recordCommitted(shippedHashes);
+    const backlogBytes = this.disks.reduce((sum, d) => sum + d.pending.count() * d.record.blockBytes, 0);
+    state.saveStatus({
+      state: 'Replicating', tracker: 'tracefs',
+      reason: consistent ? null : `point ${begun.pointId} is not crash-consistent: writes kept landing on the blocks being read`,
+      lastPointId: begun.pointId, lastPointTimeMs: cutMs, lastPointConsistent: consistent, backlogBytes,
+      progress: { bytesShipped: totals.bytesUploaded, durationMs: Date.now() - startedMs },
+    });
+    this.onPoint({ pointId: begun.pointId, time: new Date(cutMs).toISOString(), crashConsistent: consistent, tracker: 'tracefs', mode: 'incremental', ...totals, durationMs: Date.now() - startedMs });
+  }
+
+  /**
+   * An instant T at which what this round read is the disks' state, or null.
+   * T ≥ the cut. For a block read during [s, e]: a write issued in (cut, e]
+   * may be in the read, so T must not precede its issue; a write completed at
+   * or after s may be missing from it, so T must precede that completion. A
+   * write completed after the cut to a block not read must not precede T
+   * either (it would be missing). Writes in flight at T may be in or out.
+   */
+  private consistentInstant(): number | null {
+    let lo = this.cutMonotonic;
+    let hi = monotonicSeconds();
+    for (const d of this.disks) {
+      for (const e of d.eventsAfterCut) {
+        for (let b = e.first; b <= e.last; b++) {
+          const span = d.readSpan.get(b);
+          if (e.kind === 'queue') {
+            if (span && e.at <= span[1]) lo = Math.max(lo, e.at);
+          } else if (!span || e.at >= span[0]) {
+            hi = Math.min(hi, e.at);
+          }
+        }
+      }
+    }
+    return lo < hi ? lo : null;
+  }
+
+  /** The blocks to read in a round: all known dirty (`unshipped` keeps them until a point holding them commits). */
+  private startRound(d: Tracked): DirtyMap {
+    const taken = d.pending;
+    d.pending = DirtyMap.empty(d.blockCount);
+    d.reading = taken;
+    d.late = DirtyMap.empty(d.blockCount);
+    d.eventsAfterCut = [];
+    d.readSpan.clear();
+    return taken;
+  }
+
+  private takeLate(d: Tracked): DirtyMap | null {
+    const late = d.late;
+    if (late.count() === 0) return null;
+    d.late = DirtyMap.empty(d.blockCount);
+    d.reading!.or(late);
+    return late;
+  }
+
+  /** Reads the blocks in runs (O_DIRECT for devices), noting when each read ended. */
+  private async readBlocks(d: Tracked, blocks: DirtyMap, totals: Totals): Promise<Array<{ first: number; data: Buffer }>> {
+    const { record } = d;
+    const runs: Array<{ first: number; data: Buffer }> = [];
+    const reader = await DiskReader.open(record.path, MAX_RUN_BLOCKS * record.blockBytes);
+    try {
+      for (const [first, count] of blocks.runs(MAX_RUN_BLOCKS)) {
+        const offset = first * record.blockBytes;
+        const readStart = monotonicSeconds();
+        const data = await reader.read(offset, Math.min(count * record.blockBytes, record.sizeBytes - offset));
+        const readEnd = monotonicSeconds();
+        for (let i = 0; i < count; i++) d.readSpan.set(first + i, [readStart, readEnd]);
+        totals.bytesRead += data.length;
+        runs.push({ first, data });
+      }
+    } finally {
+      await reader.close();
+    }
+    return runs;
+  }
+
+  /** Ships the blocks read whose content differs from what the receiver has. */
+  private async ship(conn: ReceiverConnection, pointId: number, d: Tracked, runs: Array<{ first: number; data: Buffer }>, hashes: Map<number, bigint>, force: boolean, totals: Totals): Promise<number> {
+    const { record } = d;
+    const shipped = HashFile.open(this.opts.state.hashPath(record.diskId, 'shipped'));
+    let changedBytes = 0;
+    try {
+      for (const { first, data } of runs) {
+        const count = Math.ceil(data.length / record.blockBytes);
+        const known = shipped.read(first, count);
+        const changed: number[] = [];
+        for (let i = 0; i < count; i++) {
+          const hash = xxh3.xxh64(blockOf(data, i, record.blockBytes));
+          const previous = hashes.get(first + i) ?? known[i];
+          if (force || hash !== previous) changed.push(i);
+          hashes.set(first + i, hash);
+        }
+        if (changed.length > 0) changedBytes += await shipBlocks(conn, this.opts.keys, pointId, record, first, data, changed, totals);
+      }
+    } finally {
+      shipped.close();
+    }
+    return changedBytes;
+  }
+
+  /** After the commit reply: shipped hashes first, then the dirty maps forget what the point holds. */
+  private recordCommitted(shippedHashes: Array<Map<number, bigint>>): void {
+    const { state } = this.opts;
+    this.disks.forEach((d, i) => {
+      const file = HashFile.open(state.hashPath(d.record.diskId, 'shipped'));
+      try {
+        for (const [block, hash] of shippedHashes[i]!) file.write(block, BigUint64Array.of(hash));
+        file.sync();
+      } finally {
+        file.close();
+      }
+    });
+    for (const d of this.disks) {
+      d.unshipped = DirtyMap.empty(d.blockCount);
+      d.unshipped.or(d.pending);
+      d.unshipped.save(dirtyPath(state, d.record.diskId));
+    }
+    state.setOpenPointId(null);
+  }
+}
+
+function dirtyPath(state: AgentState, diskId: number): string {
+  return join(state.dir, 'hashes', `${diskId}.dirty`);
+}
+
+function readFlag(path: string): boolean {
+  try {
+    return readFileSync(path, 'utf8') === '1';
+  } catch {
+    return false;
+  }
+}
