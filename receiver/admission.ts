@@ -7,8 +7,11 @@
 // within UPGRADE_TIMEOUT_MS of its accept, whatever it did meanwhile (no TLS
 // hello, a stalled handshake, no request, a refused upgrade the peer keeps
 // open, plain HTTP requests on a kept-alive connection). When a cap is reached
-// the *oldest* pending connection is closed to admit the new one, so idle
-// connections cannot lock out a client that completes its upgrade promptly.
+// the *oldest* pending connection is closed to admit the new one if it has
+// waited at least EVICT_AFTER_MS (a stalled peer), so idle connections cannot
+// lock out a client that completes its upgrade promptly; otherwise the new
+// connection is refused (reset), so a burst of clients completing their
+// handshakes (many agents behind one NAT) is not broken up.
 import type { Server } from 'node:https';
 import type { Socket } from 'node:net';
 import type { Logger } from '../shared/log.js';
@@ -16,9 +19,11 @@ import type { Logger } from '../shared/log.js';
 /** From TCP accept to a completed WebSocket upgrade (TLS handshake, HTTP request, authentication). */
 export const UPGRADE_TIMEOUT_MS = 10_000;
 /** Connections that have not completed an upgrade, in total ... */
-export const MAX_PENDING = 128;
+export const MAX_PENDING = 256;
 /** ... and per source address. */
-export const MAX_PENDING_PER_ADDRESS = 32;
+export const MAX_PENDING_PER_ADDRESS = 64;
+/** A pending connection this old may be closed to make room; a younger one is still handshaking. */
+export const EVICT_AFTER_MS = 1000;
 /** At most one warning per this interval while caps are being hit. */
 const WARN_EVERY_MS = 60_000;
 
@@ -26,6 +31,7 @@ interface Pending {
   socket: Socket;
   address: string;
   timer: NodeJS.Timeout;
+  sinceMs: number;
 }
 
 export interface AdmissionLimits {
@@ -39,6 +45,7 @@ export class UpgradeGate {
   private readonly pending = new Map<string, Pending>();
   private lastWarnMs = 0;
   private evictedSinceWarn = 0;
+  private refusedSinceWarn = 0;
   private readonly limits: AdmissionLimits;
 
   constructor(
@@ -80,8 +87,16 @@ export class UpgradeGate {
       sameAddress++;
       oldestOfAddress ??= k;
     }
-    if (sameAddress >= this.limits.maxPendingPerAddress) this.evict(oldestOfAddress!, 'per-address');
-    else if (this.pending.size >= this.limits.maxPending) this.evict(this.pending.keys().next().value!, 'total');
+    const cap = sameAddress >= this.limits.maxPendingPerAddress ? 'per-address' : this.pending.size >= this.limits.maxPending ? 'total' : null;
+    if (cap !== null) {
+      const oldest = cap === 'per-address' ? oldestOfAddress! : this.pending.keys().next().value!;
+      if (Date.now() - this.pending.get(oldest)!.sinceMs < EVICT_AFTER_MS) {
+        this.refusedSinceWarn++;
+        this.warn(cap, address);
+        return void socket.destroy();
+      }
+      this.evict(oldest, cap);
+    }
     const timer = setTimeout(() => {
       if (this.pending.get(key)?.socket !== socket) return;
       this.pending.delete(key);
@@ -89,7 +104,7 @@ export class UpgradeGate {
       socket.destroy();
     }, this.limits.upgradeTimeoutMs);
     timer.unref();
-    this.pending.set(key, { socket, address, timer });
+    this.pending.set(key, { socket, address, timer, sinceMs: Date.now() });
     socket.once('close', () => {
       const entry = this.pending.get(key);
       if (entry?.socket !== socket) return;
@@ -104,13 +119,17 @@ export class UpgradeGate {
     this.pending.delete(key);
     entry.socket.destroy();
     this.evictedSinceWarn++;
+    this.warn(cap, entry.address);
+  }
+
+  private warn(cap: 'per-address' | 'total', remote: string): void {
     const now = Date.now();
-    if (now - this.lastWarnMs >= WARN_EVERY_MS) {
-      this.log.warn({ cap, remote: entry.address, evicted: this.evictedSinceWarn, pending: this.pending.size },
-        'too many connections without a completed upgrade: closing the oldest');
-      this.lastWarnMs = now;
-      this.evictedSinceWarn = 0;
-    }
+    if (now - this.lastWarnMs < WARN_EVERY_MS) return;
+    this.log.warn({ cap, remote, closedOldest: this.evictedSinceWarn, refusedNew: this.refusedSinceWarn, pending: this.pending.size },
+      'too many connections without a completed upgrade: closing the oldest stalled ones, refusing new ones meanwhile');
+    this.lastWarnMs = now;
+    this.evictedSinceWarn = 0;
+    this.refusedSinceWarn = 0;
   }
 }
 

@@ -61,7 +61,15 @@ export class ReceiverServer {
     https.requestTimeout = UPGRADE_TIMEOUT_MS;
     const wss = new WebSocketServer({ noServer: true, perMessageDeflate: false, maxPayload: MAX_FRAME_BYTES });
     const server = new ReceiverServer(https, wss, catalog, store, log);
-    https.on('upgrade', (req, socket, head) => server.onUpgrade(req, socket, head));
+    https.on('upgrade', (req, socket, head) => {
+      // Nothing an unauthenticated peer sends may escape this listener: an exception here would end the process.
+      try {
+        server.onUpgrade(req, socket, head);
+      } catch (err) {
+        log.error({ err, remote: req.socket.remoteAddress }, 'upgrade failed');
+        socket.destroy();
+      }
+    });
     https.on('tlsClientError', (err) => log.debug({ err: err.message }, 'TLS handshake failed'));
     await new Promise<void>((resolve, reject) => {
       https.once('error', reject);
@@ -100,7 +108,12 @@ export class ReceiverServer {
 
   private onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {
     socket.on('error', () => socket.destroy());
-    const path = new URL(req.url ?? '/', 'https://receiver').pathname;
+    let path: string;
+    try {
+      path = new URL(req.url ?? '/', 'https://receiver').pathname;
+    } catch {
+      return refuse(socket, 400, 'invalid request target'); // e.g. `GET //` or `GET http://[`: not a URL at all
+    }
     if (path !== ENROLL_PATH && path !== SESSION_PATH) return refuse(socket, 404, `unknown path ${path}`);
     if (req.headers[PROTOCOL_HEADER] !== String(PROTOCOL_VERSION)) {
       return refuse(socket, 426, `unsupported protocol version ${String(req.headers[PROTOCOL_HEADER])}; this receiver speaks ${PROTOCOL_VERSION}: upgrade the client`);
@@ -143,7 +156,7 @@ export class ReceiverServer {
   }
 }
 
-const statusText: Record<number, string> = { 401: 'Unauthorized', 404: 'Not Found', 426: 'Upgrade Required', 503: 'Service Unavailable' };
+const statusText: Record<number, string> = { 400: 'Bad Request', 401: 'Unauthorized', 404: 'Not Found', 426: 'Upgrade Required', 503: 'Service Unavailable' };
 
 function refuse(socket: Duplex, status: number, message: string): void {
   const body = `${message}\n`;
