@@ -106,13 +106,15 @@ describe('interrupted initial sync', () => {
     const state = await d.enroll('beta');
     const disk = join(d.root, 'beta-disk.img');
     await writeMixedImage(disk, 64 * MiB, 7);
-    // --bwlimit slows the sync so that it can be killed in the middle.
-    const child = spawnCli('agent', ['run', '--once', '--json', '--state', state, '--disk', disk, '--bwlimit', '12M']);
+    // --bwlimit slows the sync (each 16 MiB read batch holds megabytes of random data, so it takes
+    // over a second) so that it can be killed in the middle: at the first progress report short of
+    // 100 %, which the agent prints before it commits anything.
+    const child = spawnCli('agent', ['run', '--once', '--json', '--state', state, '--disk', disk, '--bwlimit', '4M']);
     let killedAt = 0;
     child.stdout!.on('data', (chunk: Buffer) => {
       for (const line of chunk.toString().split('\n').filter((l) => l.startsWith('{'))) {
         const event = JSON.parse(line);
-        if (event.event === 'progress' && event.percent >= 40 && !killedAt) {
+        if (event.event === 'progress' && event.percent > 0 && event.percent < 100 && !killedAt) {
           killedAt = event.percent;
           child.kill('SIGKILL');
         }
