@@ -21,6 +21,8 @@ import { describeDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
 
 const MAX_PASSES = 3;
+/** blocks.put can lose a race with the receiver's garbage collection; a few tries always win it. */
+const MAX_SHIP_ATTEMPTS = 3;
 const READ_BATCH_BYTES = 16 * 1024 * 1024;
 /** Hash of a block nobody has described yet: forces the block to be shipped. */
 const UNKNOWN_HASH = 0n;
@@ -239,6 +241,20 @@ export function blockOf(data: Buffer, index: number, blockBytes: number): Buffer
  * upload those, then stage the block versions. Returns the bytes changed.
  */
 export async function shipBlocks(
+  conn: ReceiverConnection, keys: VaultKeys, pointId: number, record: DiskRecord,
+  first: number, data: Buffer, changed: number[], totals: Totals,
+): Promise<number> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await shipBlocksOnce(conn, keys, pointId, record, first, data, changed, totals);
+    } catch (err) {
+      // A prune on the receiver collected a chunk between our query and blocks.put: ask again.
+      if (!(err instanceof TidemarkError && err.code === 'E_NOT_FOUND') || attempt >= MAX_SHIP_ATTEMPTS) throw err;
+    }
+  }
+}
+
+async function shipBlocksOnce(
   conn: ReceiverConnection, keys: VaultKeys, pointId: number, record: DiskRecord,
   first: number, data: Buffer, changed: number[], totals: Totals,
 ): Promise<number> {

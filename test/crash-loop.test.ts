@@ -223,7 +223,6 @@ describe('crash safety: the receiver SIGKILLed while prune runs in it and beside
     const random = makePrng(6002);
     let kills = 0;
     let duringPrune = 0;
-    let gcRaces = 0;
     for (let i = 0; kills < KILLS; i++) {
       const run = await h.startCycle(8000 + i);
       // Mostly the cycle completes (a point to keep or fold); every third kill lands in the sync too.
@@ -244,16 +243,14 @@ describe('crash safety: the receiver SIGKILLed while prune runs in it and beside
       assert.ok(p.code === 0 || p.signal === 'SIGKILL', `prune beside serve exited ${p.code ?? p.signal}: ${p.stderr.trim()}`);
       r ??= await run.result;
       await crashed;
-      // Known gap (SPEC §5.4): prune may collect a chunk uploaded by this cycle before its
-      // blocks.put; the cycle fails E_PROTOCOL (exit 8) and the next one uploads again.
-      if (r.code === 8) gcRaces++;
-      h.finishCycle(run.cycle, r, [{ code: 4, stderr: /unreachable|closed/ }, { code: 8, stderr: /not stored/ }]);
+      // A prune that collects a chunk between the agent's query and its blocks.put is retried by the agent (exit 0).
+      h.finishCycle(run.cycle, r, [{ code: 4, stderr: /unreachable|closed/ }]);
       debug('receiver kill during prune', kills, { duringSync, delayMs, prune: p.signal ?? p.code, exit: r.code, acked: run.cycle.acked });
       await h.check(`after receiver kill ${kills} during prune (cycle ${run.cycle.index})`, { recheck: true, retained: false });
     }
     assert.ok(duringPrune >= 20, `at least 20 kills while a prune process ran (${duringPrune})`);
     const servePrunes = d.receiver.log.split('\n').filter((l) => l.includes('"msg":"prune finished"')).map((l) => JSON.parse(l) as { pointsDropped: number });
-    debug({ gcRaces, servePrunes: servePrunes.length, servePrunesThatDropped: servePrunes.filter((p) => p.pointsDropped > 0).length });
+    debug({ servePrunes: servePrunes.length, servePrunesThatDropped: servePrunes.filter((p) => p.pointsDropped > 0).length });
     assert.ok(servePrunes.some((p) => p.pointsDropped > 0), 'serve\'s scheduled prune dropped points between the kills');
     const last = await h.startCycle(8999);
     h.finishCycle(last.cycle, await last.result, []);

@@ -238,7 +238,7 @@ describe('hostile input', () => {
             req: { t: 'blocks.put', pointId: ownOpen, diskId: r.pick([victim.diskId, 1000 + r.int(1e6)]), blocks: [0], ids: [null] } }),
           () => ({ name: 'blocks.put past the end of the disk', codes: ['E_PROTOCOL'],
             req: { t: 'blocks.put', pointId: ownOpen, diskId: fuzz.diskId, blocks: [fuzz.blockCount + r.int(2 ** 40)], ids: [null] } }),
-          () => { const ids = foreignIds(); return { name: 'blocks.put referencing chunks not in this vault', codes: ['E_PROTOCOL'],
+          () => { const ids = foreignIds(); return { name: 'blocks.put referencing chunks not in this vault', codes: ['E_NOT_FOUND'],
             req: { t: 'blocks.put', pointId: ownOpen, diskId: fuzz.diskId, blocks: ids.map((_, i) => i), ids } }; },
           () => ({ name: 'point.commit of a point never begun by this host', codes: ['E_CONFLICT'],
             req: { t: 'point.commit', pointId: notOwnOpen(), timeMs: now(), crashConsistent: true, disks: [{ diskId: fuzz.diskId, changedBytes: 0 }] } }),

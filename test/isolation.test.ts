@@ -188,8 +188,8 @@ describe('isolation between hosts and vaults', () => {
       assert.deepEqual(query.missing, idsOfA.map((_, i) => i), 'every chunk of A is missing from C\'s vault');
       const open = await c.request('point.begin', { resume: null });
       assert.equal(open.t, 'ok');
-      assertError(await c.request('blocks.put', { pointId: open.pointId, diskId: diskIds['host-c'], blocks: [0, 1], ids: idsOfA.slice(0, 2) }), 'E_PROTOCOL', /not stored/);
-      assertError(await c.request('blocks.put', { pointId: open.pointId, diskId: diskIds['host-c'], blocks: [0], ids: [guessed[0]] }), 'E_PROTOCOL', /not stored/);
+      assertError(await c.request('blocks.put', { pointId: open.pointId, diskId: diskIds['host-c'], blocks: [0, 1], ids: idsOfA.slice(0, 2) }), 'E_NOT_FOUND', /not stored/);
+      assertError(await c.request('blocks.put', { pointId: open.pointId, diskId: diskIds['host-c'], blocks: [0], ids: [guessed[0]] }), 'E_NOT_FOUND', /not stored/);
       assert.equal(catalog<{ n: number }>(`SELECT COUNT(*) AS n FROM block_version WHERE point_id = ?`, open.pointId)[0]!.n, 0, 'nothing staged');
       // C's credential cannot enter A's vault either.
       assertError(await c.request('hello', { vaultId: keysAB.vaultId, vaultProof: keysC.vaultProof }), 'E_FORBIDDEN', /enrolled with another key file/);
