@@ -15,6 +15,7 @@ import type { Logger } from '../shared/log.js';
 import { DirtyMap } from './dirty-map.js';
 import { describeDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
+import { reportStatus } from './status-report.js';
 import { blockOf, openSession, registerDisk, shipBlocks, syncOnce, type SyncResult, type Totals } from './sync.js';
 import { TraceInstance, monotonicSeconds, tracefsUnavailableReason, type TraceTarget, type WriteKind } from './tracefs.js';
 
@@ -338,6 +339,7 @@ class TracefsReplicator {
       lastPointId: begun.pointId, lastPointTimeMs: cutMs, lastPointConsistent: consistent, backlogBytes,
       progress: { bytesShipped: totals.bytesUploaded, durationMs: Date.now() - startedMs },
     });
+    await reportStatus(conn, state);
     this.onPoint({ pointId: begun.pointId, time: new Date(cutMs).toISOString(), crashConsistent: consistent, tracker: 'tracefs', mode: 'incremental', ...totals, durationMs: Date.now() - startedMs });
   }
 

@@ -11,8 +11,7 @@ import { closeSync, copyFileSync, existsSync, fsyncSync, ftruncateSync, mkdirSyn
 import { join } from 'node:path';
 import { TidemarkError } from '../shared/errors.js';
 import { fsyncDir, writeFileDurable } from '../shared/fs-util.js';
-
-export type HostState = 'Initialized' | 'Scanning' | 'InitialSync' | 'Replicating' | 'Resyncing' | 'Error';
+import type { HostState } from '../shared/protocol.js';
 
 export interface Enrollment {
   receiverUrl: string;

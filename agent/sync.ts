@@ -19,6 +19,7 @@ import { DiskReader } from '../shared/disk-reader.js';
 import { isZeroBlock } from '../shared/zero-block.js';
 import { describeDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
+import { reportStatus } from './status-report.js';
 
 const MAX_PASSES = 3;
 /** blocks.put can lose a race with the receiver's garbage collection; a few tries always win it. */
@@ -124,6 +125,7 @@ export async function syncOnce(opts: SyncOptions): Promise<SyncResult> {
       const before = changeCounters(paths);
       const phase = initial ? (passes === 0 ? 'initial sync' : 'initial sync (converging)') : passes === 0 ? 'incremental sync' : 'incremental sync (converging)';
       state.saveStatus({ state: initial ? 'InitialSync' : 'Replicating', reason: phase });
+      void reportStatus(conn, state);
       await scanPass(conn, opts, begun.pointId, targets, fromWatermark, phase, totals);
       cutMs = Date.now();
       passes++;
@@ -144,6 +146,7 @@ export async function syncOnce(opts: SyncOptions): Promise<SyncResult> {
       reason: consistent ? null : `point ${begun.pointId} is not crash-consistent: the disks kept changing during ${passes} passes`,
       lastPointId: begun.pointId, lastPointTimeMs: cutMs, lastPointConsistent: consistent, progress: null, backlogBytes: 0,
     });
+    await reportStatus(conn, state);
     opts.log.info({ pointId: begun.pointId, crashConsistent: consistent, passes, ...totals }, 'point committed');
     return { pointId: begun.pointId, time: new Date(cutMs).toISOString(), crashConsistent: consistent, initial, resumed: begun.resumed, passes, ...totals, durationMs: Date.now() - startedMs };
   } finally {
@@ -221,6 +224,7 @@ async function scanPass(
           lastSavedMs = Date.now();
           const snapshot = progress.snapshot();
           opts.state.saveStatus({ progress: snapshot, backlogBytes: snapshot.bytesTotal - snapshot.bytesDone });
+          void reportStatus(conn, opts.state);
         }
       }
     } finally {

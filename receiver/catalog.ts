@@ -4,7 +4,7 @@
 import Database from 'better-sqlite3';
 import { createHash, randomBytes } from 'node:crypto';
 import { TidemarkError } from '../shared/errors.js';
-import type { PointInfo } from '../shared/protocol.js';
+import type { HostState, PointInfo } from '../shared/protocol.js';
 
 export const CATALOG_VERSION = 1;
 
@@ -44,6 +44,10 @@ CREATE TABLE IF NOT EXISTS block_version (
   PRIMARY KEY (disk_id, block_index, point_id)) WITHOUT ROWID;
 -- Per-point access (commit counts, discarding an open point, retention) in O(blocks of that point).
 CREATE INDEX IF NOT EXISTS block_version_by_point ON block_version (point_id, disk_id);
+-- The newest status.report of each host's agent (receiver clock).
+CREATE TABLE IF NOT EXISTS host_report (
+  host_id INTEGER PRIMARY KEY REFERENCES host(id), state TEXT NOT NULL, reason TEXT, tracker TEXT,
+  backlog_bytes INTEGER NOT NULL, bytes_per_second INTEGER NOT NULL, reported_ms INTEGER NOT NULL);
 `;
 
 export type Principal =
@@ -402,6 +406,11 @@ export class Catalog {
 
   // --- status -------------------------------------------------------------
 
+  saveHostReport(hostId: number, r: HostReport): void {
+    this.db.prepare(`INSERT OR REPLACE INTO host_report VALUES (?, ?, ?, ?, ?, ?, ?)`)
+      .run(hostId, r.state, r.reason, r.tracker, r.backlogBytes, r.bytesPerSecond, Date.now());
+  }
+
   /** Stored bytes of the distinct chunks a restore of the point reads (O(block versions of its host)). */
   referencedBytes(pointId: number): number {
     return this.db.prepare(`
@@ -421,17 +430,28 @@ export class Catalog {
     const pointCount = this.db.prepare(`SELECT COUNT(*) FROM point WHERE host_id = ? AND state = 'committed'`).pluck();
     const openPoint = this.db.prepare(`SELECT id FROM point WHERE host_id = ? AND state = 'open'`).pluck();
     const disks = this.db.prepare(`SELECT name, size_bytes AS sizeBytes, block_bytes AS blockBytes FROM disk WHERE host_id = ? ORDER BY name`);
+    const report = this.db.prepare(`SELECT state, reason, tracker, backlog_bytes AS backlogBytes, bytes_per_second AS bytesPerSecond, reported_ms AS reportedMs
+      FROM host_report WHERE host_id = ?`);
     const now = Date.now();
     const stored = this.db.prepare(`SELECT COUNT(*) AS chunks, COALESCE(SUM(length), 0) AS bytes FROM chunk`).get() as { chunks: number; bytes: number };
     const packBytes = this.db.prepare(`SELECT COALESCE(SUM(size_bytes), 0) FROM pack`).pluck().get() as number;
     return {
       hosts: hosts.map((h) => {
         const last = lastPoint.get(h.id) as { id: number; timeMs: number; cc: number } | undefined;
+        const r = report.get(h.id) as (HostReport & { reportedMs: number }) | undefined;
         return {
           name: h.name,
           vaultId: h.vaultId,
           enrolledAt: new Date(h.enrolledMs).toISOString(),
-          state: openPoint.get(h.id) !== undefined ? 'Syncing' : last ? 'Idle' : 'Enrolled',
+          // As the agent last reported it; reportedAt says how fresh that is.
+          state: r?.state ?? (last ? 'Replicating' : 'Initialized'),
+          reason: r?.reason ?? null,
+          tracker: r?.tracker ?? null,
+          backlogBytes: r?.backlogBytes ?? null,
+          bytesPerSecond: r?.bytesPerSecond ?? null,
+          reportedAt: r ? new Date(r.reportedMs).toISOString() : null,
+          /** A point is open: a sync is under way (or was cut off and will be resumed). */
+          syncing: openPoint.get(h.id) !== undefined,
           points: pointCount.get(h.id) as number,
           lastPoint: last ? { id: last.id, time: new Date(last.timeMs).toISOString(), crashConsistent: last.cc === 1 } : null,
           lagSeconds: last ? Math.max(0, (now - last.timeMs) / 1000) : null,
@@ -461,7 +481,13 @@ export interface ReceiverStatus {
     name: string;
     vaultId: string;
     enrolledAt: string;
-    state: string;
+    state: HostState;
+    reason: string | null;
+    tracker: string | null;
+    backlogBytes: number | null;
+    bytesPerSecond: number | null;
+    reportedAt: string | null;
+    syncing: boolean;
     points: number;
     lastPoint: { id: number; time: string; crashConsistent: boolean } | null;
     lagSeconds: number | null;
@@ -472,4 +498,13 @@ export interface ReceiverStatus {
   storedChunks: number;
   storedChunkBytes: number;
   packBytes: number;
+}
+
+/** What an agent last said of itself (`status.report`, SPEC §3.4). */
+export interface HostReport {
+  state: HostState;
+  reason: string | null;
+  tracker: string | null;
+  backlogBytes: number;
+  bytesPerSecond: number;
 }

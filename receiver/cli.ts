@@ -118,7 +118,8 @@ program.command('status')
         `in pack files of ${formatBytes(status.packBytes)}; a prune now would drop ${plan.pointsDropped} points and free ${formatBytes(plan.bytesFreed)}\n`);
       for (const h of status.hosts) {
         const last = h.lastPoint ? `last point ${h.lastPoint.id} at ${h.lastPoint.time} (lag ${Math.round(h.lagSeconds!)}s)` : 'no point yet';
-        process.stdout.write(`host ${h.name}: ${h.state}, ${h.points} points, ${last}\n`);
+        const agent = h.reportedAt ? ` [${h.tracker ?? 'no tracker'}, backlog ${formatBytes(h.backlogBytes ?? 0)}, ${formatBytes(h.bytesPerSecond ?? 0)}/s, reported ${h.reportedAt}]` : '';
+        process.stdout.write(`host ${h.name}: ${h.state}${h.reason ? ` (${h.reason})` : ''}${agent}, ${h.points} points, ${last}\n`);
         for (const d of h.disks) process.stdout.write(`  disk ${d.name}: ${formatBytes(d.sizeBytes)}, ${d.blockBytes / 1024} KiB blocks\n`);
       }
     } finally {

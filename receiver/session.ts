@@ -137,6 +137,9 @@ export class Session {
         this.ctx.log.info({ host: p.host, pointId: req.pointId, crashConsistent: req.crashConsistent }, 'point committed');
         return { pointId: req.pointId };
       }
+      case 'status.report':
+        this.ctx.catalog.saveHostReport(p.hostId, req);
+        return {};
     }
     throw new TidemarkError('E_PROTOCOL', `unexpected message ${(req as Request).t}`);
   }

@@ -3,7 +3,7 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { copyFileSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Deployment, collect, runJson, spawnCli } from './harness.js';
+import { Deployment, collect, lastEvent, runJson, spawnCli } from './harness.js';
 import { changeBlocks, sha256File, writeMixedImage } from './fixtures.js';
 
 const MiB = 1024 * 1024;
@@ -209,5 +209,47 @@ describe('agent stopped between the commit reply and recording it', () => {
     const out = join(d.root, 'theta-restored.img');
     await d.restore('theta', disk, third.pointId, out);
     assert.equal(await sha256File(out), await sha256File(disk));
+  });
+});
+
+describe('the agent\'s state, seen from the receiver', () => {
+  let d: Deployment;
+  after(() => d?.close());
+
+  it('tidemark-receiver status shows the initial sync under way with its backlog, then Replicating', async () => {
+    d = await Deployment.start();
+    const state = await d.enroll('iota');
+    const hostStatus = async () => (await d.receiver.status()).hosts.find((h: any) => h.name === 'iota');
+    const enrolled = await hostStatus();
+    assert.equal(enrolled.state, 'Initialized');
+    assert.equal(enrolled.reportedAt, null, 'no report before the agent ran');
+
+    const disk = join(d.root, 'iota.img');
+    await writeMixedImage(disk, 64 * MiB, 11);
+    // Slowed down so that the sync can be watched from the receiver while it runs.
+    const child = spawnCli('agent', ['run', '--once', '--json', '--state', state, '--disk', disk, '--bwlimit', '4M']);
+    const run = collect(child);
+    let during: any;
+    while (child.exitCode === null && child.signalCode === null) {
+      const h = await hostStatus();
+      if (h.state === 'InitialSync' && h.backlogBytes > 0 && h.bytesPerSecond > 0) {
+        during = h;
+        break;
+      }
+      await new Promise((r) => setTimeout(r, 100));
+    }
+    const result = await run;
+    assert.equal(result.code, 0, result.stderr);
+    assert.ok(during, 'the receiver saw the initial sync with a backlog and a rate while it ran');
+    assert.equal(during.tracker, 'scan');
+    assert.equal(during.syncing, true, 'a point was open');
+    assert.ok(during.backlogBytes < 64 * MiB);
+
+    const synced = await hostStatus();
+    assert.equal(synced.state, 'Replicating');
+    assert.equal(synced.backlogBytes, 0);
+    assert.equal(synced.syncing, false);
+    assert.equal(synced.lastPoint.id, lastEvent(result.stdout, 'point').pointId);
+    assert.ok(Date.parse(synced.reportedAt) >= Date.parse(during.reportedAt));
   });
 });
