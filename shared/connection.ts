@@ -69,7 +69,11 @@ export interface ConnectionOptions {
   authorization: string;
   /** Cap on bytes sent per second (--bwlimit); 0 = unlimited. */
   bytesPerSecond?: number;
+  /** Ping interval; a link on which nothing moved for two intervals is given up. */
+  heartbeatMs?: number;
 }
+
+export const HEARTBEAT_MS = 15_000;
 
 const WRITE_HIGH_WATER_BYTES = 8 * 1024 * 1024;
 
@@ -86,14 +90,35 @@ export class ReceiverConnection {
   private writeWaiters: Array<() => void> = [];
   private closedError: TidemarkError | null = null;
   private readonly limiter: RateLimiter | null;
+  /** Last time the receiver sent anything or our sends drained: a half-open link shows neither. */
+  private lastAliveMs = Date.now();
+  private readonly heartbeat: NodeJS.Timeout;
 
-  private constructor(private readonly ws: WebSocket, bytesPerSecond: number) {
+  private constructor(private readonly ws: WebSocket, bytesPerSecond: number, heartbeatMs: number) {
     this.limiter = bytesPerSecond > 0 ? new RateLimiter(bytesPerSecond) : null;
-    ws.on('message', (data: Buffer, isBinary: boolean) => this.onMessage(data, isBinary));
+    ws.on('message', (data: Buffer, isBinary: boolean) => {
+      this.alive();
+      this.onMessage(data, isBinary);
+    });
+    ws.on('pong', () => this.alive());
+    ws.on('ping', () => this.alive());
     ws.on('close', (code: number, reason: Buffer) => {
       this.failAll(new TidemarkError('E_UNREACHABLE', `connection to receiver closed (${code}${reason.length ? `: ${reason.toString()}` : ''})`));
     });
     ws.on('error', (err) => this.failAll(asTidemarkError(err)));
+    this.heartbeat = setInterval(() => this.checkAlive(heartbeatMs), heartbeatMs).unref();
+  }
+
+  private alive(): void {
+    this.lastAliveMs = Date.now();
+  }
+
+  /** Without this, a receiver that vanished without a FIN or RST (power loss, partition) stalls every request forever. */
+  private checkAlive(heartbeatMs: number): void {
+    const silentMs = Date.now() - this.lastAliveMs;
+    if (silentMs <= 2 * heartbeatMs) return void this.ws.ping();
+    this.failAll(new TidemarkError('E_UNREACHABLE', `receiver did not answer for ${Math.round(silentMs / 1000)} s (network down or receiver hung); will reconnect`));
+    this.ws.terminate();
   }
 
   static async open(options: ConnectionOptions): Promise<ReceiverConnection> {
@@ -122,7 +147,7 @@ export class ReceiverConnection {
       ws.once('error', (err) => reject(unreachable(url, err)));
     });
     ws.removeAllListeners('error');
-    return new ReceiverConnection(ws, options.bytesPerSecond ?? 0);
+    return new ReceiverConnection(ws, options.bytesPerSecond ?? 0, options.heartbeatMs ?? HEARTBEAT_MS);
   }
 
   get isOpen(): boolean {
@@ -138,6 +163,7 @@ export class ReceiverConnection {
     const reply = new Promise<Record<string, unknown>>((resolve, reject) => this.pending.set(rid, { type, resolve, reject }));
     this.unflushedBytes += frame.length;
     this.ws.send(frame, { binary: true }, () => {
+      this.alive();
       this.unflushedBytes -= frame.length;
       this.wakeWriters();
     });
@@ -179,6 +205,7 @@ export class ReceiverConnection {
   }
 
   private failAll(err: TidemarkError): void {
+    clearInterval(this.heartbeat);
     if (!this.closedError) this.closedError = err;
     for (const p of this.pending.values()) p.reject(err);
     this.pending.clear();
