@@ -5,7 +5,7 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
-import { closeSync, openSync, writeSync, fsyncSync } from 'node:fs';
+import { closeSync, mkdirSync, openSync, writeSync, fsyncSync } from 'node:fs';
 import { join } from 'node:path';
 import { Deployment, runCli } from '../test/harness.js';
 import { sha256File, writeExt4Image } from '../test/fixtures.js';
@@ -68,5 +68,28 @@ describe('failback onto a loop device', { skip }, () => {
     assert.equal(report.bytesWritten, changed.length * BLOCK);
     assert.equal(await sha256File(device), shaAtPoint);
     execFileSync('e2fsck', ['-fn', device], { stdio: 'ignore' }); // throws on a damaged filesystem
+  });
+
+  it('refuses a mounted device, with failback and without, and leaves it untouched', async () => {
+    const image = join(d.root, 'mounted.img');
+    await writeExt4Image(image, 16 * MiB, 12);
+    const device = attach(image);
+    const result = await d.syncOnce('iron', [device]);
+    const mnt = join(d.root, 'mnt');
+    mkdirSync(mnt, { recursive: true });
+    execFileSync('mount', ['-o', 'ro', device, mnt]);
+    try {
+      const before = await sha256File(device);
+      for (const extra of [['--failback'], []]) {
+        const run = await runCli('restore', ['disk', ...d.restoreArgs('iron'), '--disk', device, '--point', String(result.pointId), '--to', device, ...extra],
+          { TIDEMARK_TOKEN: d.restoreToken });
+        assert.equal(run.code, 10, `restore ${extra.join(' ')} onto a mounted device: ${run.stderr}`);
+        assert.match(run.stderr, /in use .*unmount it/);
+        assert.equal(run.stderr.trim().split('\n').length, 1, run.stderr);
+      }
+      assert.equal(await sha256File(device), before, 'nothing was written');
+    } finally {
+      execFileSync('umount', [mnt]);
+    }
   });
 });

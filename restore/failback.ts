@@ -6,7 +6,7 @@
 // An all-zero block matches a block the map lacks. Interrupted, the target is
 // a mix of old and new blocks; running failback again finishes the job.
 import { open, stat } from 'node:fs/promises';
-import { blockDeviceSizeBytes } from '../shared/block-device.js';
+import { blockDeviceSizeBytes, openDeviceForWriting } from '../shared/block-device.js';
 import { chunkId, type VaultKeys } from '../shared/chunk-crypto.js';
 import type { ReceiverConnection } from '../shared/connection.js';
 import { DiskReader } from '../shared/disk-reader.js';
@@ -43,7 +43,7 @@ export async function failbackDisk(conn: ReceiverConnection, keys: VaultKeys, po
   const progress = new Progress(`failback ${diskName}`, disk.sizeBytes);
   const reporter = new ProgressReporter(false);
   try {
-    const file = await open(to, 'r+');
+    const file = (await stat(to)).isBlockDevice() ? await openDeviceForWriting(to) : await open(to, 'r+');
     try {
       const local = new BatchedBlocks(reader, disk, targetBytes);
       const zeros = Buffer.alloc(disk.blockBytes);

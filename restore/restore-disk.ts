@@ -3,7 +3,7 @@
 // written sparse (zero blocks stay holes) under a temporary name and renamed
 // only when complete; block devices get every block, zeros included.
 import { open, rename, rm, stat } from 'node:fs/promises';
-import { blockDeviceSizeBytes } from '../shared/block-device.js';
+import { blockDeviceSizeBytes, openDeviceForWriting } from '../shared/block-device.js';
 import type { VaultKeys } from '../shared/chunk-crypto.js';
 import type { ReceiverConnection } from '../shared/connection.js';
 import { TidemarkError } from '../shared/errors.js';
@@ -29,7 +29,7 @@ export async function restoreDisk(conn: ReceiverConnection, keys: VaultKeys, poi
   const isDevice = target?.isBlockDevice() ?? false;
   if (isDevice && blockDeviceSizeBytes(to) < disk.sizeBytes) throw new TidemarkError('E_DISK', `${to} is smaller than the disk (${disk.sizeBytes} bytes)`);
   const writePath = isDevice ? to : `${to}.partial`;
-  const file = await open(writePath, isDevice ? 'r+' : 'w', 0o600);
+  const file = isDevice ? await openDeviceForWriting(to) : await open(writePath, 'w', 0o600);
   const progress = new Progress(`restore ${diskName}`, disk.sizeBytes);
   const reporter = new ProgressReporter(false); // a TTY on stderr only: with --json, stdout carries one document
   const result: RestoreDiskResult = { point: point.id, disk: diskName, to, sizeBytes: disk.sizeBytes, bytesWritten: 0, bytesFetched: 0, blocksCompared: 0 };

@@ -1,5 +1,6 @@
 // Facts about a block device that Node's fs does not give (fstat reports size 0).
-import { readFileSync, realpathSync, statSync, type Stats } from 'node:fs';
+import { constants, readFileSync, realpathSync, statSync, type Stats } from 'node:fs';
+import { open, type FileHandle } from 'node:fs/promises';
 import { basename } from 'node:path';
 import { TidemarkError } from './errors.js';
 
@@ -25,4 +26,18 @@ export function sysfsDir(devicePath: string, st: Stats = statSync(devicePath)): 
 
 export function blockDeviceSizeBytes(devicePath: string): number {
   return Number(readFileSync(`${sysfsDir(devicePath)}/size`, 'utf8').trim()) * 512;
+}
+
+/**
+ * Opens a block device to restore onto it. O_EXCL makes the kernel refuse a
+ * device that is mounted or otherwise claimed (a mounted partition of it, a
+ * RAID or swap member): writing under a live filesystem corrupts both.
+ */
+export async function openDeviceForWriting(devicePath: string): Promise<FileHandle> {
+  try {
+    return await open(devicePath, constants.O_RDWR | constants.O_EXCL);
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'EBUSY') throw err;
+    throw new TidemarkError('E_CONFLICT', `${devicePath} is in use (mounted, or claimed by swap, RAID or a mounted partition); unmount it before restoring onto it`);
+  }
 }
