@@ -7,8 +7,8 @@ import { TidemarkError } from '../shared/errors.js';
 import { openKeyFile } from '../shared/keyfile.js';
 import { SESSION_PATH, type PointInfo } from '../shared/protocol.js';
 import { passphraseFileOption, printJson, readPassphrase, readToken, runCli } from '../shared/cli-util.js';
-import { formatBytes } from '../shared/units.js';
-import { drillPoint } from './drill.js';
+import { formatBytes, parseDurationMs } from '../shared/units.js';
+import { drillPoint, type DrillDiskResult } from './drill.js';
 import { exportPoint } from './export.js';
 import { failbackDisk } from './failback.js';
 import { restoreDisk } from './restore-disk.js';
@@ -163,31 +163,36 @@ withPointOptions(withConnectOptions(program.command('drill').description('restor
   .requiredOption('--check <command>', 'shell command run per disk, {image} replaced by the image path, e.g. "e2fsck -fn {image}"; exit 0 = pass')
   .option('--disk <name>', 'check only this disk (default: every disk of the point)')
   .option('--scratch <dir>', 'directory for the scratch directory (default: the system temp directory)')
-  .action(async (opts: ConnectOptions & PointOptions & { check: string; disk?: string; scratch?: string }) => {
+  .option('--check-timeout <duration>', 'kill a check still running after this long; it fails', '1h')
+  .action(async (opts: ConnectOptions & PointOptions & { check: string; disk?: string; scratch?: string; checkTimeout: string }) => {
     requireHost(opts, 'point to drill');
+    const checkTimeoutMs = parseDurationMs(opts.checkTimeout);
     const { conn, keys } = await connect(opts);
     let result;
     try {
-      result = await drillPoint(conn, keys, await selectPoint(conn, opts), opts);
+      result = await drillPoint(conn, keys, await selectPoint(conn, opts), { ...opts, checkTimeoutMs });
     } finally {
       conn.close();
     }
     if (opts.json) printJson(result);
     else {
       for (const d of result.disks) {
-        const status = d.exitCode !== null ? `exit ${d.exitCode}` : `killed by ${d.signal}`;
-        process.stdout.write(`${d.passed ? 'PASS' : 'FAIL'} ${d.name} (${status})\n`);
+        process.stdout.write(`${d.passed ? 'PASS' : 'FAIL'} ${d.name} (${checkOutcome(d)})\n`);
         if (!d.passed && d.output.trim()) process.stdout.write(d.output.trimEnd().replace(/^/gm, '  | ') + '\n');
       }
       process.stdout.write(`drill of point ${result.point} (${result.time}): ${result.passed ? 'passed' : 'FAILED'}\n`);
     }
     if (!result.passed) {
       // Exit 1 with one line, as README's exit-code table says; a restore that fails exits with its own code.
-      const failed = result.disks.filter((d) => !d.passed).map((d) => `${d.name} (${d.exitCode !== null ? `exit ${d.exitCode}` : d.signal})`);
+      const failed = result.disks.filter((d) => !d.passed).map((d) => `${d.name} (${checkOutcome(d)})`);
       process.stderr.write(`${program.name()}: drill failed: check did not pass on ${failed.join(', ')}\n`);
       process.exitCode = 1;
     }
   });
+
+function checkOutcome(d: DrillDiskResult): string {
+  return d.timedOut ? 'timed out' : d.exitCode !== null ? `exit ${d.exitCode}` : `killed by ${d.signal}`;
+}
 
 withConnectOptions(program.command('verify').description('fetch every chunk of the committed points and check it with the key (--read-data); exit 5 on damage'))
   .option('--read-data', 'fetch and decrypt every chunk (the key-less check is tidemark-receiver verify)')

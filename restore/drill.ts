@@ -32,6 +32,8 @@ export interface DrillOptions {
   disk?: string;
   /** Directory to make the scratch directory in; default the system temp directory. */
   scratch?: string;
+  /** A check still running after this long is killed (with its children) and fails. */
+  checkTimeoutMs: number;
 }
 
 export interface DrillDiskResult {
@@ -40,6 +42,8 @@ export interface DrillDiskResult {
   /** null when the check was ended by a signal (see `signal`). */
   exitCode: number | null;
   signal: string | null;
+  /** The check ran longer than --check-timeout and was killed. */
+  timedOut: boolean;
   /** The last OUTPUT_TAIL_CHARS characters of the check's output. */
   output: string;
 }
@@ -68,19 +72,19 @@ export async function drillPoint(conn: ReceiverConnection, keys: VaultKeys, poin
   const disks = options.disk === undefined ? point.disks : [findDisk(point, options.disk)];
   const stems = diskFileStems(disks.map((d) => d.name));
   const scratch = await mkdtemp(join(resolve(options.scratch ?? tmpdir()), 'tidemark-drill-'));
-  let running: ChildProcess | undefined;
+  let running: RunningCheck | undefined;
   const removeScratch = () => rmSync(scratch, { recursive: true, force: true });
   try {
     return await withSignalCleanup(() => {
-      running?.kill('SIGKILL');
+      running?.kill();
       removeScratch();
     }, async () => {
       const results: DrillDiskResult[] = [];
       for (const disk of disks) {
         const image = join(scratch, `${stems.get(disk.name)}.img`);
         await restoreDisk(conn, keys, point, disk.name, image);
-        const check = runCheck(checkCommandFor(options.check, image), scratch, { TIDEMARK_DISK: disk.name, TIDEMARK_IMAGE: image });
-        running = check.child;
+        const check = runCheck(checkCommandFor(options.check, image), scratch, { TIDEMARK_DISK: disk.name, TIDEMARK_IMAGE: image }, options.checkTimeoutMs);
+        running = check;
         const outcome = await check.done;
         running = undefined;
         results.push({ name: disk.name, passed: outcome.exitCode === 0, ...outcome });
@@ -96,13 +100,31 @@ export async function drillPoint(conn: ReceiverConnection, keys: VaultKeys, poin
   }
 }
 
-function runCheck(command: string, cwd: string, env: Record<string, string>): {
-  child: ChildProcess;
-  done: Promise<{ exitCode: number | null; signal: string | null; output: string }>;
-} {
+type CheckOutcome = Omit<DrillDiskResult, 'name' | 'passed'>;
+
+interface RunningCheck {
+  /** SIGKILL to the check's whole process group: the shell and what it started (fsck, mount, ...). */
+  kill(): void;
+  done: Promise<CheckOutcome>;
+}
+
+function runCheck(command: string, cwd: string, env: Record<string, string>, timeoutMs: number): RunningCheck {
   const childEnv: NodeJS.ProcessEnv = { ...process.env, ...env };
   for (const name of WITHHELD_ENV) delete childEnv[name];
-  const child = spawn('/bin/sh', ['-c', command], { cwd, env: childEnv, stdio: ['ignore', 'pipe', 'pipe'] });
+  // Its own process group, so that a timeout or an interrupt ends every process of the check.
+  const child: ChildProcess = spawn('/bin/sh', ['-c', command], { cwd, env: childEnv, stdio: ['ignore', 'pipe', 'pipe'], detached: true });
+  const kill = () => {
+    try {
+      process.kill(-child.pid!, 'SIGKILL');
+    } catch {
+      // already gone
+    }
+  };
+  let timedOut = false;
+  const timer = setTimeout(() => {
+    timedOut = true;
+    kill();
+  }, timeoutMs);
   let output = '';
   const keep = (data: Buffer) => {
     output += data.toString('utf8');
@@ -110,9 +132,16 @@ function runCheck(command: string, cwd: string, env: Record<string, string>): {
   };
   child.stdout!.on('data', keep);
   child.stderr!.on('data', keep);
-  const done = new Promise<{ exitCode: number | null; signal: string | null; output: string }>((resolvePromise, reject) => {
-    child.once('error', (err) => reject(new TidemarkError('E_INTERNAL', `cannot run the check: ${err.message}`, { cause: err })));
-    child.once('close', (exitCode, signal) => resolvePromise({ exitCode, signal, output: output.slice(-OUTPUT_TAIL_CHARS) }));
+  const done = new Promise<CheckOutcome>((resolvePromise, reject) => {
+    child.once('error', (err) => {
+      clearTimeout(timer);
+      reject(new TidemarkError('E_INTERNAL', `cannot run the check: ${err.message}`, { cause: err }));
+    });
+    child.once('close', (exitCode, signal) => {
+      clearTimeout(timer);
+      if (timedOut) output += `\n[tidemark: check killed after ${Math.round(timeoutMs / 1000)} s (--check-timeout)]`;
+      resolvePromise({ exitCode, signal, timedOut, output: output.slice(-OUTPUT_TAIL_CHARS) });
+    });
   });
-  return { child, done };
+  return { kill, done };
 }

@@ -259,6 +259,25 @@ describe('restore modes', () => {
       assert.deepEqual(readdirSync(scratch), []);
     });
 
+    it('kills a check that outlives --check-timeout, with the processes it started, and fails', async () => {
+      const scratch = join(d.root, 'scratch-hang');
+      mkdirSync(scratch);
+      const marker = `sleep ${300 + (process.pid % 97)}`; // a command line no other process has
+      const startedMs = Date.now();
+      const run = await restore(['drill', ...d.restoreArgs(HOST), '--point', String(point1), '--disk', ext4,
+        '--check', `: {image}; sh -c '${marker}'`, '--check-timeout', '2s', '--scratch', scratch, '--json']);
+      assert.equal(run.code, 1, run.stderr);
+      assert.match(run.stderr.trim(), /^tidemark-restore: drill failed: check did not pass on .*ext4\.img \(timed out\)$/);
+      const result = JSON.parse(run.stdout);
+      assert.equal(result.passed, false);
+      assert.equal(result.disks[0].timedOut, true);
+      assert.match(result.disks[0].output, /killed after 2 s/);
+      assert.ok(Date.now() - startedMs < 60_000, 'the drill did not wait for the check');
+      const left = execFileSync('ps', ['-eo', 'args'], { encoding: 'utf8' }).split('\n').filter((line) => line.trim() === marker);
+      assert.deepEqual(left, [], 'the check\'s own children were killed too');
+      assert.deepEqual(readdirSync(scratch), []);
+    });
+
     it('refuses a check without {image}', async () => {
       const run = await restore(['drill', ...d.restoreArgs(HOST), '--point', String(point1), '--check', 'false']);
       assert.equal(run.code, 2, run.stderr);
