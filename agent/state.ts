@@ -44,6 +44,8 @@ export interface AgentStatusRecord {
   updatedMs: number;
 }
 
+export const STATE_VERSION = 1;
+
 const schema = `
 CREATE TABLE IF NOT EXISTS config (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS disk (
@@ -60,6 +62,12 @@ export class AgentState {
     this.db.pragma('journal_mode = WAL');
     this.db.pragma('synchronous = FULL');
     this.db.exec(schema);
+    const version = this.get('schemaVersion');
+    if (version === undefined) this.set({ schemaVersion: String(STATE_VERSION) });
+    else if (version !== String(STATE_VERSION)) {
+      this.db.close();
+      throw new TidemarkError('E_STATE', `${dir}/state.db has schema version ${version}; this agent reads version ${STATE_VERSION}: use the tidemark release that wrote it`);
+    }
   }
 
   static open(dir: string, options: { mustBeEnrolled: boolean }): AgentState {

@@ -18,6 +18,8 @@ import { Catalog } from './catalog.js';
 import { parsePolicyOverrides, type PolicyOverrides } from './retention.js';
 
 const MARKER = 'receiver.json';
+const MARKER_FORMAT = 'tidemark-receiver';
+export const DATA_DIR_VERSION = 1;
 
 export interface DataDir {
   root: string;
@@ -61,7 +63,7 @@ export async function initDataDir(root: string): Promise<DataDir> {
   writeFileDurable(p.key, pems.private, 0o600);
   writeFileDurable(p.cert, pems.cert, 0o644);
   Catalog.open(p.catalog).close();
-  writeFileDurable(p.marker, JSON.stringify({ format: 'tidemark-receiver', version: 1, createdAt: new Date().toISOString() }) + '\n');
+  writeFileDurable(p.marker, JSON.stringify({ format: MARKER_FORMAT, version: DATA_DIR_VERSION, createdAt: new Date().toISOString() }) + '\n');
   return openDataDir(root);
 }
 
@@ -70,8 +72,23 @@ export function openDataDir(root: string): DataDir {
   if (!existsSync(p.marker)) {
     throw new TidemarkError('E_USAGE', `${root} is not a receiver data directory; create it with tidemark-receiver init --data ${root}`);
   }
+  checkMarker(p.marker);
   const certPem = readFileSync(p.cert, 'utf8');
   return { root, config: readConfig(join(root, 'config.json')), keyPem: readFileSync(p.key, 'utf8'), certPem, fingerprint: fingerprintOf(certPem), packDir: p.packs, catalogPath: p.catalog };
+}
+
+/** Refuses a directory written by another program, or by a newer receiver whose layout this one does not know. */
+function checkMarker(path: string): void {
+  let marker: { format?: unknown; version?: unknown };
+  try {
+    marker = JSON.parse(readFileSync(path, 'utf8')) as typeof marker;
+  } catch (err) {
+    throw new TidemarkError('E_STORAGE', `${path} is damaged (${(err as Error).message}); restore it from a backup`, { retryable: false });
+  }
+  if (marker.format !== MARKER_FORMAT) throw new TidemarkError('E_USAGE', `${path} does not mark a receiver data directory (format ${JSON.stringify(marker.format)})`);
+  if (marker.version !== DATA_DIR_VERSION) {
+    throw new TidemarkError('E_STORAGE', `${path}: data directory version ${JSON.stringify(marker.version)}; this receiver reads version ${DATA_DIR_VERSION}: use the tidemark release that wrote it`, { retryable: false });
+  }
 }
 
 const configSchema = z.object({ retention: z.unknown().optional(), pruneInterval: z.string().optional() }).strict();
