@@ -144,7 +144,8 @@ export async function syncOnce(opts: SyncOptions): Promise<SyncResult> {
     state.saveStatus({
       state: 'Replicating',
       reason: consistent ? null : `point ${begun.pointId} is not crash-consistent: the disks kept changing during ${passes} passes`,
-      lastPointId: begun.pointId, lastPointTimeMs: cutMs, lastPointConsistent: consistent, progress: null, backlogBytes: 0,
+      lastPointId: begun.pointId, lastPointTimeMs: cutMs, lastPointConsistent: consistent, backlogBytes: 0,
+      progress: { bytesShipped: totals.bytesUploaded, durationMs: Date.now() - startedMs }, // as a tracefs cycle reports it
     });
     await reportStatus(conn, state);
     opts.log.info({ pointId: begun.pointId, crashConsistent: consistent, passes, ...totals }, 'point committed');

@@ -248,6 +248,7 @@ describe('the agent\'s state, seen from the receiver', () => {
     const synced = await hostStatus();
     assert.equal(synced.state, 'Replicating');
     assert.equal(synced.backlogBytes, 0);
+    assert.ok(synced.bytesPerSecond > 0, 'the rate of the cycle just finished');
     assert.equal(synced.syncing, false);
     assert.equal(synced.lastPoint.id, lastEvent(result.stdout, 'point').pointId);
     assert.ok(Date.parse(synced.reportedAt) >= Date.parse(during.reportedAt));
