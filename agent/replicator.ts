@@ -219,8 +219,24 @@ class TracefsReplicator {
         this.lostBaseline = lost;
       }
       if (this.needScan) return this.scan();
-      await this.cycle();
+      try {
+        await this.cycle();
+      } catch (err) {
+        this.requeueUncommitted();
+        throw err;
+      }
     });
+  }
+
+  /**
+   * A cycle failed (receiver gone, disk full, ...) after its rounds took blocks out of
+   * `pending`: everything no committed point holds yet is read again by the next one.
+   */
+  private requeueUncommitted(): void {
+    for (const d of this.disks) {
+      d.pending.or(d.unshipped);
+      d.reading = null;
+    }
   }
 
   /** The current cut, CLOCK_MONOTONIC seconds (comparable with event times). */

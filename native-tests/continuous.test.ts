@@ -24,7 +24,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import Database from 'better-sqlite3';
 import { Deployment, runJson, spawnCli, tempDir } from '../test/harness.js';
-import { sha256File } from '../test/fixtures.js';
+import { makePrng, sha256File } from '../test/fixtures.js';
 import { RECORD_BYTES, parseLog, parseRecord } from './workload.js';
 
 const MiB = 1024 * 1024;
@@ -778,6 +778,24 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
       const points = loadPoints(agent, workload, shrunkMs, 3, t);
       for (const p of points) await checkPoint(d, c, p);
       assert.ok(points.length >= 2, `need at least 2 crash-consistent points after the overrun under load, got ${points.length}`);
+    }, t);
+  });
+
+  it('receiver SIGKILLed at random moments of the cycles under load: no change is lost', { timeout: 240_000 }, async (t) => {
+    await inLab('kills', async (lab) => {
+      const host = 'cont-kills';
+      const { disk, agent } = await startCase(t, lab, host, 64);
+      const workload = new Workload(lab, disk.mnt, 43, ['--rate', '150']);
+      const c: CaseContext = { t, lab, host, disk, workload };
+      const random = makePrng(4343);
+      for (let kill = 0; kill < 8; kill++) {
+        // Right after a point, then somewhere in the next interval: often between a round's reads and its commit.
+        const sinceMs = Date.now();
+        await agent.waitForPoint((p) => p.receivedMs > sinceMs, 60_000, `point before kill ${kill + 1}`);
+        await sleep(random() % 1000);
+        await d.receiver.restart('SIGKILL');
+      }
+      await finish(d, c, agent); // the newest point equals the device byte for byte
     }, t);
   });
 
