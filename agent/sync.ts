@@ -22,8 +22,8 @@ import { HashFile, type AgentState, type DiskRecord } from './state.js';
 import { reportStatus } from './status-report.js';
 
 const MAX_PASSES = 3;
-/** blocks.put can lose a race with the receiver's garbage collection; a few tries always win it. */
-const MAX_SHIP_ATTEMPTS = 3;
+/** A cycle can lose a race with the receiver's garbage collection (SPEC §5.4); a few tries always win it. */
+const MAX_ATTEMPTS = 3;
 const READ_BATCH_BYTES = 16 * 1024 * 1024;
 /** Hash of a block nobody has described yet: forces the block to be shipped. */
 const UNKNOWN_HASH = 0n;
@@ -95,6 +95,18 @@ export async function openSession(state: AgentState, keys: VaultKeys, bytesPerSe
 }
 
 export async function syncOnce(opts: SyncOptions): Promise<SyncResult> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await syncAttempt(opts);
+    } catch (err) {
+      // Prune collected a chunk between our query and its blocks.put: resuming the open point ships it again.
+      if (!(err instanceof TidemarkError && err.code === 'E_NOT_FOUND' && err.retryable) || attempt >= MAX_ATTEMPTS) throw err;
+      opts.log.info({ reason: err.message }, 'a chunk was collected by the receiver during the sync; resuming');
+    }
+  }
+}
+
+async function syncAttempt(opts: SyncOptions): Promise<SyncResult> {
   const startedMs = Date.now();
   const { state } = opts;
   const conn = await openSession(state, opts.keys, opts.bytesPerSecond);
@@ -246,20 +258,6 @@ export function blockOf(data: Buffer, index: number, blockBytes: number): Buffer
  * upload those, then stage the block versions. Returns the bytes changed.
  */
 export async function shipBlocks(
-  conn: ReceiverConnection, keys: VaultKeys, pointId: number, record: DiskRecord,
-  first: number, data: Buffer, changed: number[], totals: Totals,
-): Promise<number> {
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await shipBlocksOnce(conn, keys, pointId, record, first, data, changed, totals);
-    } catch (err) {
-      // A prune on the receiver collected a chunk between our query and blocks.put: ask again.
-      if (!(err instanceof TidemarkError && err.code === 'E_NOT_FOUND') || attempt >= MAX_SHIP_ATTEMPTS) throw err;
-    }
-  }
-}
-
-async function shipBlocksOnce(
   conn: ReceiverConnection, keys: VaultKeys, pointId: number, record: DiskRecord,
   first: number, data: Buffer, changed: number[], totals: Totals,
 ): Promise<number> {

@@ -200,8 +200,8 @@ export class Catalog {
       for (let i = 0; i < blocks.length; i++) {
         const id = ids[i]!;
         if (id !== null && !hasChunk.get(vaultId, id)) {
-          // Not found rather than a protocol error: prune may have collected it after a query said it was there.
-          throw new TidemarkError('E_NOT_FOUND', `block ${blocks[i]} references chunk ${id.toString('hex')} that is not stored; upload it first`);
+          // Retryable, not a protocol error: prune may have collected it after a query said it was there.
+          throw new TidemarkError('E_NOT_FOUND', `block ${blocks[i]} references chunk ${id.toString('hex')} that is not stored; upload it first`, { retryable: true });
         }
         upsert.run(diskId, blocks[i], pointId, id);
       }
