@@ -6,16 +6,16 @@
 import { createHash } from 'node:crypto';
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { xxh3 } from '@node-rs/xxhash';
 import type { VaultKeys } from '../shared/chunk-crypto.js';
 import type { ReceiverConnection } from '../shared/connection.js';
 import { DiskReader } from '../shared/disk-reader.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
+import { BlockPool } from './block-pool.js';
 import { DirtyMap } from './dirty-map.js';
 import { describeDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
-import { blockOf, openSession, registerDisk, shipBlocks, syncOnce, type SyncResult, type Totals } from './sync.js';
+import { openSession, registerDisk, shipBlocks, syncOnce, type SyncResult, type Totals } from './sync.js';
 import { TraceInstance, monotonicSeconds, tracefsUnavailableReason, type TraceTarget, type WriteKind } from './tracefs.js';
 
 const MAX_ROUNDS = 12;
@@ -32,6 +32,8 @@ export interface ReplicatorOptions {
   tracker: 'auto' | 'tracefs' | 'scan';
   json: boolean;
   log: Logger;
+  /** Workers to use; without one, replicate() starts its own for its whole run. */
+  pool?: BlockPool;
 }
 
 export interface PointEvent extends Partial<SyncResult> {
@@ -42,7 +44,17 @@ export interface PointEvent extends Partial<SyncResult> {
   mode: 'initial' | 'incremental' | 'resync';
 }
 
-export async function replicate(opts: ReplicatorOptions, onPoint: (p: PointEvent) => void): Promise<void> {
+export async function replicate(options: ReplicatorOptions, onPoint: (p: PointEvent) => void): Promise<void> {
+  // One set of workers for the life of the agent, closed however the loop ends.
+  const pool = options.pool ?? new BlockPool(options.keys);
+  try {
+    await replicateWith({ ...options, pool }, onPoint);
+  } finally {
+    if (pool !== options.pool) await pool.close();
+  }
+}
+
+async function replicateWith(opts: ReplicatorOptions & { pool: BlockPool }, onPoint: (p: PointEvent) => void): Promise<void> {
   const stop = stopSignal();
   const images = opts.diskPaths.filter((p) => !isBlockDevice(p));
   const unavailable = images.length > 0 ? `${images.join(', ')} ${images.length > 1 ? 'are image files' : 'is an image file'}` : tracefsUnavailableReason();
@@ -116,7 +128,7 @@ async function everyInterval(opts: ReplicatorOptions, stop: Stop, cycle: () => P
   }
 }
 
-async function scanLoop(opts: ReplicatorOptions, stop: Stop, onPoint: (p: PointEvent) => void): Promise<void> {
+async function scanLoop(opts: ReplicatorOptions & { pool: BlockPool }, stop: Stop, onPoint: (p: PointEvent) => void): Promise<void> {
   await everyInterval(opts, stop, async () => {
     const r = await syncOnce({ ...opts, diskPaths: opts.diskPaths });
     onPoint({ ...r, tracker: 'scan', mode: r.initial ? 'initial' : 'incremental' });
@@ -149,7 +161,7 @@ class TracefsReplicator {
   private readingFlag: string;
 
   private constructor(
-    private readonly opts: ReplicatorOptions,
+    private readonly opts: ReplicatorOptions & { pool: BlockPool },
     private readonly instance: TraceInstance,
     private readonly disks: Tracked[],
     needScan: string | null,
@@ -162,7 +174,7 @@ class TracefsReplicator {
     this.drainTimer = setInterval(() => this.drain(), BACKGROUND_DRAIN_MS);
   }
 
-  static async start(opts: ReplicatorOptions, onPoint: (p: PointEvent) => void): Promise<TracefsReplicator> {
+  static async start(opts: ReplicatorOptions & { pool: BlockPool }, onPoint: (p: PointEvent) => void): Promise<TracefsReplicator> {
     const { state } = opts;
     const infos = await Promise.all(opts.diskPaths.map((p) => describeDisk(p, { measureData: false })));
     const targets: TraceTarget[] = infos.map((info) => {
@@ -395,7 +407,9 @@ class TracefsReplicator {
       for (const [first, count] of blocks.runs(MAX_RUN_BLOCKS)) {
         const offset = first * record.blockBytes;
         const readStart = monotonicSeconds();
-        const data = await reader.read(offset, Math.min(count * record.blockBytes, record.sizeBytes - offset));
+        const length = Math.min(count * record.blockBytes, record.sizeBytes - offset);
+        // Shared memory: the workers hash and seal these blocks where they lie.
+        const data = await reader.readInto(BlockPool.sharedBuffer(length), offset, length);
         const readEnd = monotonicSeconds();
         for (let i = 0; i < count; i++) d.readSpan.set(first + i, [readStart, readEnd]);
         totals.bytesRead += data.length;
@@ -416,14 +430,10 @@ class TracefsReplicator {
       for (const { first, data } of runs) {
         const count = Math.ceil(data.length / record.blockBytes);
         const known = shipped.read(first, count);
-        const changed: number[] = [];
-        for (let i = 0; i < count; i++) {
-          const hash = xxh3.xxh64(blockOf(data, i, record.blockBytes));
-          const previous = hashes.get(first + i) ?? known[i];
-          if (force || hash !== previous) changed.push(i);
-          hashes.set(first + i, hash);
-        }
-        if (changed.length > 0) changedBytes += await shipBlocks(conn, this.opts.keys, pointId, record, first, data, changed, totals);
+        for (let i = 0; i < count; i++) known[i] = hashes.get(first + i) ?? known[i]!;
+        const scanned = await this.opts.pool.scan(data, record.blockBytes, force ? null : known);
+        scanned.hashes.forEach((hash, i) => hashes.set(first + i, hash));
+        if (scanned.changed.length > 0) changedBytes += await shipBlocks(conn, this.opts.pool, pointId, record, first, data, scanned, totals);
       }
     } finally {
       shipped.close();
