@@ -238,6 +238,7 @@ async function scanDisk(
   try {
     reader = await DiskReader.open(record.path, batchBlocks * record.blockBytes);
     let previous: Promise<void> = Promise.resolve();
+    let previousSent: Promise<void> = Promise.resolve();
     for (let first = startBlock; first < target.blockCount && !failed; first += batchBlocks) {
       const slab = await slabs.acquire();
       if (failed) {
@@ -255,11 +256,14 @@ async function scanDisk(
       const batchFirst = first;
       const known = hashes.read(batchFirst, blockCountOf(data, record.blockBytes));
       const before = previous;
+      let sent!: () => void;
+      const turn: ShipTurn = { after: previousSent, sent: () => sent() };
+      previousSent = new Promise<void>((resolve) => (sent = resolve));
       const batch = (async () => {
         try {
           const scanned = await pool.scan(data, record.blockBytes, known);
           if (scanned.changed.length > 0) {
-            const changedBytes = await shipBlocks(conn, pool, pointId, record, batchFirst, data, scanned, totals);
+            const changedBytes = await shipBlocks(conn, pool, pointId, record, batchFirst, data, scanned, totals, turn);
             target.changedBytes += changedBytes;
           }
           await before;
@@ -268,6 +272,7 @@ async function scanDisk(
           opts.state.setWatermark(record.path, batchFirst + scanned.hashes.length);
           onBatchDone(data.length);
         } finally {
+          sent(); // also when nothing changed or the batch failed: the next batch must not wait forever
           slabs.release(slab);
         }
       })();
@@ -286,41 +291,63 @@ async function scanDisk(
   }
 }
 
+/** Keeps batches' uploads in disk order: a batch sends its chunks after the previous batch sent its own. */
+export interface ShipTurn {
+  /** Resolves when the previous batch has sent (not necessarily had acknowledged) its uploads. */
+  after: Promise<void>;
+  /** Called once this batch's uploads are all sent, or it gave up. */
+  sent: () => void;
+}
+
 /**
  * Ships the changed blocks of one batch: ask which chunks the vault lacks,
  * seal and upload those, then stage the block versions. Returns the bytes changed.
+ * Asking and sealing may run ahead of other batches; with a `turn`, uploads wait
+ * for the previous batch's, so batches complete roughly in order and the
+ * resume watermark keeps moving.
  */
 export async function shipBlocks(
   conn: ReceiverConnection, pool: BlockPool, pointId: number, record: DiskRecord,
-  first: number, data: Buffer, scanned: Pick<ScannedBlocks, 'changed' | 'ids'>, totals: Totals,
+  first: number, data: Buffer, scanned: Pick<ScannedBlocks, 'changed' | 'ids'>, totals: Totals, turn?: ShipTurn,
 ): Promise<number> {
-  const { changed, ids } = scanned;
-  const unique = new Map<string, { id: Buffer; index: number }>();
-  let changedBytes = 0;
-  changed.forEach((index, n) => {
-    changedBytes += blockOf(data, index, record.blockBytes).length;
-    const id = ids[n];
-    if (id) unique.set(id.toString('hex'), { id, index });
-  });
-  const candidates = [...unique.values()];
-  for (let from = 0; from < candidates.length; from += MAX_IDS_PER_QUERY) {
-    const slice = candidates.slice(from, from + MAX_IDS_PER_QUERY);
-    const { missing } = await conn.request('chunks.query', { ids: slice.map((c) => c.id) });
-    totals.chunksDeduplicated += slice.length - missing.length;
-    const wanted = missing.map((index) => {
-      const chunk = slice[index];
-      if (!chunk) throw new TidemarkError('E_PROTOCOL', `receiver named chunk ${index} of a query of ${slice.length}`);
-      return chunk;
+  try {
+    const { changed, ids } = scanned;
+    const unique = new Map<string, { id: Buffer; index: number }>();
+    let changedBytes = 0;
+    changed.forEach((index, n) => {
+      changedBytes += blockOf(data, index, record.blockBytes).length;
+      const id = ids[n];
+      if (id) unique.set(id.toString('hex'), { id, index });
     });
-    const envelopes = await pool.seal(data, record.blockBytes, wanted.map((c) => c.index), wanted.map((c) => c.id));
-    await Promise.all(wanted.map(async (chunk, n) => {
-      const envelope = envelopes[n]!;
-      await conn.request('chunk.put', { id: chunk.id, data: envelope });
-      totals.chunksUploaded++;
-      totals.bytesUploaded += envelope.length;
-    }));
+    const candidates = [...unique.values()];
+    const uploads: Array<{ id: Buffer; envelope: Buffer }> = [];
+    for (let from = 0; from < candidates.length; from += MAX_IDS_PER_QUERY) {
+      const slice = candidates.slice(from, from + MAX_IDS_PER_QUERY);
+      const { missing } = await conn.request('chunks.query', { ids: slice.map((c) => c.id) });
+      totals.chunksDeduplicated += slice.length - missing.length;
+      const wanted = missing.map((index) => {
+        const chunk = slice[index];
+        if (!chunk) throw new TidemarkError('E_PROTOCOL', `receiver named chunk ${index} of a query of ${slice.length}`);
+        return chunk;
+      });
+      const envelopes = await pool.seal(data, record.blockBytes, wanted.map((c) => c.index), wanted.map((c) => c.id));
+      wanted.forEach((c, n) => uploads.push({ id: c.id, envelope: envelopes[n]! }));
+    }
+    await turn?.after;
+    const replies: Array<Promise<unknown>> = [];
+    for (const { id, envelope } of uploads) {
+      const { reply } = await conn.send('chunk.put', { id, data: envelope });
+      replies.push(reply.then(() => {
+        totals.chunksUploaded++;
+        totals.bytesUploaded += envelope.length;
+      }));
+    }
+    turn?.sent();
+    await Promise.all(replies);
+    await conn.request('blocks.put', { pointId, diskId: record.diskId, blocks: changed.map((i) => first + i), ids });
+    totals.blocksChanged += changed.length;
+    return changedBytes;
+  } finally {
+    turn?.sent();
   }
-  await conn.request('blocks.put', { pointId, diskId: record.diskId, blocks: changed.map((i) => first + i), ids });
-  totals.blocksChanged += changed.length;
-  return changedBytes;
 }

@@ -134,6 +134,16 @@ export class ReceiverConnection {
   }
 
   async request<T extends RequestType>(type: T, body: RequestBody<T>): Promise<Reply<T>> {
+    return (await this.send(type, body)).reply;
+  }
+
+  /**
+   * Sends a request once there is room, and resolves as soon as it is on its
+   * way, with the reply still to come. A caller that must keep its requests
+   * in order behind another's (batches of a sync) awaits the sends, not the
+   * replies, and so keeps the link full.
+   */
+  async send<T extends RequestType>(type: T, body: RequestBody<T>): Promise<{ reply: Promise<Reply<T>> }> {
     if (this.closedError) throw this.closedError;
     // Wait for room *before* encoding: a caller may issue thousands of requests at once, and
     // encoded frames waiting their turn would hold a copy of every chunk in memory.
@@ -151,7 +161,10 @@ export class ReceiverConnection {
     });
     // Room left: let the next waiting request go too (one at a time, so they do not all wake to re-check).
     if (this.unflushedBytes <= WRITE_HIGH_WATER_BYTES) this.wakeWriter();
-    return parseReply(type, await reply);
+    const parsed = reply.then((r) => parseReply(type, r));
+    // A caller that gives up before awaiting the reply (an earlier request failed) must not leave an unhandled rejection.
+    parsed.catch(() => {});
+    return { reply: parsed };
   }
 
   close(): void {
