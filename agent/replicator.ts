@@ -15,11 +15,13 @@ import { BlockPool } from './block-pool.js';
 import { DirtyMap } from './dirty-map.js';
 import { describeDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
-import { openSession, registerDisk, shipBlocks, syncOnce, type SyncResult, type Totals } from './sync.js';
+import { openSession, registerDisk, shipBlocks, syncOnce, type ShipTurn, type SyncResult, type Totals } from './sync.js';
 import { TraceInstance, monotonicSeconds, tracefsUnavailableReason, type TraceTarget, type WriteKind } from './tracefs.js';
 
 const MAX_ROUNDS = 12;
 const MAX_RUN_BLOCKS = 256;
+/** Bytes of dirty runs scanned and uploaded together. */
+const MAX_GROUP_BYTES = 8 * 1024 * 1024;
 const BACKGROUND_DRAIN_MS = 50;
 
 export interface ReplicatorOptions {
@@ -407,9 +409,7 @@ class TracefsReplicator {
       for (const [first, count] of blocks.runs(MAX_RUN_BLOCKS)) {
         const offset = first * record.blockBytes;
         const readStart = monotonicSeconds();
-        const length = Math.min(count * record.blockBytes, record.sizeBytes - offset);
-        // Shared memory: the workers hash and seal these blocks where they lie.
-        const data = await reader.readInto(BlockPool.sharedBuffer(length), offset, length);
+        const data = await reader.read(offset, Math.min(count * record.blockBytes, record.sizeBytes - offset));
         const readEnd = monotonicSeconds();
         for (let i = 0; i < count; i++) d.readSpan.set(first + i, [readStart, readEnd]);
         totals.bytesRead += data.length;
@@ -427,19 +427,43 @@ class TracefsReplicator {
     const shipped = HashFile.open(this.opts.state.hashPath(record.diskId, 'shipped'));
     let changedBytes = 0;
     try {
-      for (const { first, data } of runs) {
-        const count = Math.ceil(data.length / record.blockBytes);
-        const known = shipped.read(first, count);
-        for (let i = 0; i < count; i++) known[i] = hashes.get(first + i) ?? known[i]!;
-        const scanned = await this.opts.pool.scan(data, record.blockBytes, force ? null : known);
-        scanned.hashes.forEach((hash, i) => hashes.set(first + i, hash));
-        if (scanned.changed.length > 0) changedBytes += await shipBlocks(conn, this.opts.pool, pointId, record, first, data, scanned, totals);
-      }
+      // Random writes leave many one-block runs: shipped one by one, each would cost several
+      // round trips to the workers and the receiver. Runs go in groups, one scan and one upload
+      // each; groups run together (their uploads in order), so one hashes while another uploads.
+      let previousSent: Promise<void> = Promise.resolve();
+      const shipping = groupRuns(runs, record.blockBytes, MAX_GROUP_BYTES).map((group) => {
+        const known = new BigUint64Array(group.blocks.length);
+        let at = 0;
+        for (const run of group.runs) {
+          const count = Math.ceil(run.data.length / record.blockBytes);
+          known.set(shipped.read(run.first, count), at);
+          at += count;
+        }
+        group.blocks.forEach((block, i) => (known[i] = hashes.get(block) ?? known[i]!));
+        let sent!: () => void;
+        const turn: ShipTurn = { after: previousSent, sent: () => sent() };
+        previousSent = new Promise<void>((resolve) => (sent = resolve));
+        return (async () => {
+          try {
+            const scanned = await this.opts.pool.scan(group.data, record.blockBytes, force ? null : known);
+            scanned.hashes.forEach((hash, i) => hashes.set(group.blocks[i]!, hash));
+            if (scanned.changed.length > 0) {
+              const bytes = await shipBlocks(conn, this.opts.pool, pointId, record, (i) => group.blocks[i]!, group.data, scanned, totals, turn);
+              changedBytes += bytes; // after the await: groups finish in any order
+            }
+          } finally {
+            sent();
+          }
+        })();
+      });
+      const failure = (await Promise.allSettled(shipping)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failure) throw failure.reason;
     } finally {
       shipped.close();
     }
     return changedBytes;
   }
+
 
   /** After the commit reply: shipped hashes first, then the dirty maps forget what the point holds. */
   private recordCommitted(shippedHashes: Array<Map<number, bigint>>): void {
@@ -460,6 +484,46 @@ class TracefsReplicator {
     }
     state.setOpenPointId(null);
   }
+}
+
+interface RunGroup {
+  runs: Array<{ first: number; data: Buffer }>;
+  /** The runs' data back to back, in shared memory for the workers. */
+  data: Buffer;
+  /** Disk block number of each block of `data`. */
+  blocks: number[];
+}
+
+/**
+ * Runs packed into groups of at most `maxBytes`. Only a group's last block may
+ * be short (the disk's final block), so a run that ends short closes its group.
+ */
+function groupRuns(runs: Array<{ first: number; data: Buffer }>, blockBytes: number, maxBytes: number): RunGroup[] {
+  const groups: RunGroup[] = [];
+  let current: Array<{ first: number; data: Buffer }> = [];
+  let bytes = 0;
+  const close = () => {
+    if (current.length === 0) return;
+    const data = BlockPool.sharedBuffer(bytes);
+    const blocks: number[] = [];
+    let at = 0;
+    for (const run of current) {
+      run.data.copy(data, at);
+      at += run.data.length;
+      for (let i = 0; i < Math.ceil(run.data.length / blockBytes); i++) blocks.push(run.first + i);
+    }
+    groups.push({ runs: current, data, blocks });
+    current = [];
+    bytes = 0;
+  };
+  for (const run of runs) {
+    if (bytes + run.data.length > maxBytes) close();
+    current.push(run);
+    bytes += run.data.length;
+    if (run.data.length % blockBytes !== 0) close();
+  }
+  close();
+  return groups;
 }
 
 function dirtyPath(state: AgentState, diskId: number): string {
