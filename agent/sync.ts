@@ -23,9 +23,9 @@ import { describeDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
 
 const MAX_PASSES = 3;
-const READ_BATCH_BYTES = 16 * 1024 * 1024;
-/** Batches read beyond one per worker: enough to keep every worker busy while a batch waits on the receiver. */
-const READ_AHEAD_BATCHES = 2;
+const READ_BATCH_BYTES = 8 * 1024 * 1024;
+/** Batches read beyond one per worker: keeps the workers fed while a batch waits on the receiver; each costs a slab of memory. */
+const READ_AHEAD_BATCHES = 1;
 /** Hash of a block nobody has described yet: forces the block to be shipped. */
 const UNKNOWN_HASH = 0n;
 
@@ -263,7 +263,7 @@ async function scanDisk(
         try {
           const scanned = await pool.scan(data, record.blockBytes, known);
           if (scanned.changed.length > 0) {
-            const changedBytes = await shipBlocks(conn, pool, pointId, record, batchFirst, data, scanned, totals, turn);
+            const changedBytes = await shipBlocks(conn, pool, pointId, record, (i) => batchFirst + i, data, scanned, totals, turn);
             target.changedBytes += changedBytes;
           }
           await before;
@@ -301,14 +301,15 @@ export interface ShipTurn {
 
 /**
  * Ships the changed blocks of one batch: ask which chunks the vault lacks,
- * seal and upload those, then stage the block versions. Returns the bytes changed.
+ * seal and upload those, then stage the block versions. `blockNumber` maps an
+ * index into `data` to the disk block it holds. Returns the bytes changed.
  * Asking and sealing may run ahead of other batches; with a `turn`, uploads wait
  * for the previous batch's, so batches complete roughly in order and the
  * resume watermark keeps moving.
  */
 export async function shipBlocks(
   conn: ReceiverConnection, pool: BlockPool, pointId: number, record: DiskRecord,
-  first: number, data: Buffer, scanned: Pick<ScannedBlocks, 'changed' | 'ids'>, totals: Totals, turn?: ShipTurn,
+  blockNumber: (index: number) => number, data: Buffer, scanned: Pick<ScannedBlocks, 'changed' | 'ids'>, totals: Totals, turn?: ShipTurn,
 ): Promise<number> {
   try {
     const { changed, ids } = scanned;
@@ -344,7 +345,7 @@ export async function shipBlocks(
     }
     turn?.sent();
     await Promise.all(replies);
-    await conn.request('blocks.put', { pointId, diskId: record.diskId, blocks: changed.map((i) => first + i), ids });
+    await conn.request('blocks.put', { pointId, diskId: record.diskId, blocks: changed.map(blockNumber), ids });
     totals.blocksChanged += changed.length;
     return changedBytes;
   } finally {
