@@ -106,7 +106,13 @@ async function main(): Promise<void> {
       },
       restore: { seconds: restore.wallSeconds, mibps: perSecond(sizeBytes, restore.wallSeconds), vsCp: perSecond(sizeBytes, restore.wallSeconds) / cp.mibPerSecond, identical: restoreMatches },
       storage: { dataBytes: data, storedChunkBytes: status.storedChunkBytes, packBytes: status.packBytes, storedVsData: status.packBytes / data },
-      memory: { agentPeakRssBytes: cluster.agentPeakRssBytes, receiverPeakRssBytes: cluster.receiverPeakRssBytes },
+      memory: {
+        agentPeakRssBytes: cluster.agentPeakRssBytes,
+        agentInitialSyncRssBytes: initial.peakRssBytes,
+        agentIncrementalRssBytes: incremental.peakRssBytes,
+        restorePeakRssBytes: restore.peakRssBytes,
+        receiverPeakRssBytes: cluster.receiverPeakRssBytes,
+      },
       continuous,
     };
     mkdirSync(resolve(values.out!), { recursive: true });

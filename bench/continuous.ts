@@ -33,6 +33,8 @@ export interface ContinuousResults {
   lag: LagStep[];
   sustainedMBps: number | null;
   sustainedNote: string;
+  /** Peak RSS of the continuous agent (initial sync of the device, the 1 % change, the lag ramp). */
+  agentPeakRssBytes: number;
 }
 
 interface PointSeen { arrivalMs: number; cutMs: number; bytesRead: number; durationMs: number; mode: string }
@@ -194,7 +196,8 @@ export async function continuousBench(cluster: BenchCluster, image: string, work
         break;
       }
     }
-    return { device: loop.device, initialSeconds: initial.durationMs / 1000, incremental, lag, sustainedMBps, sustainedNote };
+    agent.peak.sample();
+    return { device: loop.device, initialSeconds: initial.durationMs / 1000, incremental, lag, sustainedMBps, sustainedNote, agentPeakRssBytes: agent.peak.bytes };
   } finally {
     if (agent) {
       const exited = new Promise((r) => agent!.child.once('exit', r));

@@ -14,7 +14,7 @@ export interface BenchResults {
   incrementalScan: { changedBytes: number; seconds: number; bytesRead: number; readVsChange: number; timeVsInitial: number };
   restore: { seconds: number; mibps: number; vsCp: number; identical: boolean };
   storage: { dataBytes: number; storedChunkBytes: number; packBytes: number; storedVsData: number };
-  memory: { agentPeakRssBytes: number; receiverPeakRssBytes: number };
+  memory: { agentPeakRssBytes: number; agentInitialSyncRssBytes: number; agentIncrementalRssBytes: number; restorePeakRssBytes: number; receiverPeakRssBytes: number };
   continuous: ContinuousResults | { skipped: string };
 }
 
@@ -42,7 +42,8 @@ export function rows(r: BenchResults): Row[] {
     out.push(
       ['incremental, tracefs (1 % change)', s(c.incremental.seconds), `reads ${mib(c.incremental.bytesRead)} for a ${mib(c.incremental.changedBytes)} change (${x(c.incremental.readVsChange)}); ${(100 * c.incremental.seconds / i.seconds).toFixed(1)} % of initial`,
         `≤ 1.2× read: ${verdict(c.incremental.readVsChange <= 1.2)}; < 5 % time: ${verdict(c.incremental.seconds < 0.05 * i.seconds)}`],
-      ...c.lag.map((l): Row => [`lag at ${l.targetMBps} MB/s random writes`, `p50 ${s(l.p50Seconds)}, p99 ${s(l.p99Seconds)}`, `achieved ${l.achievedMBps.toFixed(1)} MB/s, ${l.writes} writes`,
+      ...c.lag.map((l): Row => [`lag at ${l.targetMBps} MB/s random writes`, `p50 ${s(l.p50Seconds)}, p99 ${s(l.p99Seconds)}`,
+        `achieved ${l.achievedMBps.toFixed(1)} MB/s, ${l.writes} writes${l.unreplicated ? `, ${l.unreplicated} not replicated in time` : ''}`,
         l.targetMBps === 20 ? `p99 ≤ 2 s: ${verdict(l.p99Seconds <= 2)}` : '']),
       ['highest sustained write rate (p99 < 5 s)', c.sustainedMBps === null ? 'none' : `${c.sustainedMBps.toFixed(1)} MB/s`, c.sustainedNote, ''],
     );
@@ -50,7 +51,10 @@ export function rows(r: BenchResults): Row[] {
   out.push(
     ['restore', rate(r.restore.mibps), `cp ${rate(r.baselines.cp.mibps)} → ${x(r.restore.vsCp)}${r.restore.identical ? ', image identical' : ', IMAGE DIFFERS'}`, `≥ 0.5× cp: ${verdict(r.restore.vsCp >= 0.5)}`],
     ['stored bytes', mib(r.storage.packBytes), `data ${mib(r.storage.dataBytes)} → ${x(r.storage.storedVsData)} (dedup + lz4)`, ''],
-    ['agent peak RSS', mib(r.memory.agentPeakRssBytes), '', `≤ 300 MiB: ${verdict(r.memory.agentPeakRssBytes <= 300 * MiB)}`],
+    ['agent peak RSS', mib(r.memory.agentPeakRssBytes),
+      `run --once initial ${mib(r.memory.agentInitialSyncRssBytes)}, incremental ${mib(r.memory.agentIncrementalRssBytes)}` +
+        ('skipped' in r.continuous ? '' : `, continuous ${mib(r.continuous.agentPeakRssBytes)}`) + `; restore ${mib(r.memory.restorePeakRssBytes)}`,
+      `≤ 300 MiB: ${verdict(r.memory.agentPeakRssBytes <= 300 * MiB)}`],
     ['receiver peak RSS', mib(r.memory.receiverPeakRssBytes), '', `≤ 500 MiB: ${verdict(r.memory.receiverPeakRssBytes <= 500 * MiB)}`],
   );
   return out;
