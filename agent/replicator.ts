@@ -22,6 +22,8 @@ const MAX_ROUNDS = 12;
 const MAX_RUN_BLOCKS = 256;
 /** Bytes of dirty runs scanned and uploaded together. */
 const MAX_GROUP_BYTES = 8 * 1024 * 1024;
+/** Groups being hashed, sealed or uploaded at once. */
+const GROUPS_IN_FLIGHT = 2;
 const BACKGROUND_DRAIN_MS = 50;
 
 export interface ReplicatorOptions {
@@ -429,13 +431,15 @@ class TracefsReplicator {
     try {
       // Random writes leave many one-block runs: shipped one by one, each would cost several
       // round trips to the workers and the receiver. Runs go in groups, one scan and one upload
-      // each; groups run together (their uploads in order), so one hashes while another uploads.
+      // each; two groups at a time (their uploads in order), so one hashes while the other
+      // uploads. A group is packed only when its turn comes, and the runs it took are dropped
+      // from `runs`, so a large dirty set is not held twice.
       let previousSent: Promise<void> = Promise.resolve();
-      const shipping = groupRuns(runs, record.blockBytes, MAX_GROUP_BYTES).map((group) => {
+      const shipGroup = async (group: RunGroup): Promise<void> => {
         const known = new BigUint64Array(group.blocks.length);
         let at = 0;
         for (const run of group.runs) {
-          const count = Math.ceil(run.data.length / record.blockBytes);
+          const count = Math.ceil(run.length / record.blockBytes);
           known.set(shipped.read(run.first, count), at);
           at += count;
         }
@@ -443,20 +447,29 @@ class TracefsReplicator {
         let sent!: () => void;
         const turn: ShipTurn = { after: previousSent, sent: () => sent() };
         previousSent = new Promise<void>((resolve) => (sent = resolve));
-        return (async () => {
-          try {
-            const scanned = await this.opts.pool.scan(group.data, record.blockBytes, force ? null : known);
-            scanned.hashes.forEach((hash, i) => hashes.set(group.blocks[i]!, hash));
-            if (scanned.changed.length > 0) {
-              const bytes = await shipBlocks(conn, this.opts.pool, pointId, record, (i) => group.blocks[i]!, group.data, scanned, totals, turn);
-              changedBytes += bytes; // after the await: groups finish in any order
-            }
-          } finally {
-            sent();
+        try {
+          const scanned = await this.opts.pool.scan(group.data, record.blockBytes, force ? null : known);
+          scanned.hashes.forEach((hash, i) => hashes.set(group.blocks[i]!, hash));
+          if (scanned.changed.length > 0) {
+            const bytes = await shipBlocks(conn, this.opts.pool, pointId, record, (i) => group.blocks[i]!, group.data, scanned, totals, turn);
+            changedBytes += bytes; // after the await: groups finish in any order
           }
-        })();
-      });
-      const failure = (await Promise.allSettled(shipping)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+        } finally {
+          sent();
+        }
+      };
+      const inFlight = new Set<Promise<void>>();
+      const settled: Array<Promise<void>> = [];
+      let failed = false;
+      for (let group = takeGroup(runs, record.blockBytes); group && !failed; group = takeGroup(runs, record.blockBytes)) {
+        const shipping = shipGroup(group);
+        shipping.catch(() => (failed = true));
+        settled.push(shipping);
+        inFlight.add(shipping);
+        void shipping.finally(() => inFlight.delete(shipping)).catch(() => {});
+        if (inFlight.size >= GROUPS_IN_FLIGHT) await Promise.race([...inFlight]).catch(() => {});
+      }
+      const failure = (await Promise.allSettled(settled)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
       if (failure) throw failure.reason;
     } finally {
       shipped.close();
@@ -487,7 +500,8 @@ class TracefsReplicator {
 }
 
 interface RunGroup {
-  runs: Array<{ first: number; data: Buffer }>;
+  /** Where each run began and how many bytes it had. */
+  runs: Array<{ first: number; length: number }>;
   /** The runs' data back to back, in shared memory for the workers. */
   data: Buffer;
   /** Disk block number of each block of `data`. */
@@ -495,35 +509,29 @@ interface RunGroup {
 }
 
 /**
- * Runs packed into groups of at most `maxBytes`. Only a group's last block may
+ * Takes runs off the front of `runs` into one group of at most MAX_GROUP_BYTES
+ * (or one larger run); null when none are left. Only a group's last block may
  * be short (the disk's final block), so a run that ends short closes its group.
  */
-function groupRuns(runs: Array<{ first: number; data: Buffer }>, blockBytes: number, maxBytes: number): RunGroup[] {
-  const groups: RunGroup[] = [];
-  let current: Array<{ first: number; data: Buffer }> = [];
+function takeGroup(runs: Array<{ first: number; data: Buffer }>, blockBytes: number): RunGroup | null {
+  let count = 0;
   let bytes = 0;
-  const close = () => {
-    if (current.length === 0) return;
-    const data = BlockPool.sharedBuffer(bytes);
-    const blocks: number[] = [];
-    let at = 0;
-    for (const run of current) {
-      run.data.copy(data, at);
-      at += run.data.length;
-      for (let i = 0; i < Math.ceil(run.data.length / blockBytes); i++) blocks.push(run.first + i);
-    }
-    groups.push({ runs: current, data, blocks });
-    current = [];
-    bytes = 0;
-  };
-  for (const run of runs) {
-    if (bytes + run.data.length > maxBytes) close();
-    current.push(run);
-    bytes += run.data.length;
-    if (run.data.length % blockBytes !== 0) close();
+  while (count < runs.length && (count === 0 || bytes + runs[count]!.data.length <= MAX_GROUP_BYTES)) {
+    bytes += runs[count]!.data.length;
+    count++;
+    if (runs[count - 1]!.data.length % blockBytes !== 0) break;
   }
-  close();
-  return groups;
+  if (count === 0) return null;
+  const taken = runs.splice(0, count);
+  const data = BlockPool.sharedBuffer(bytes);
+  const blocks: number[] = [];
+  let at = 0;
+  for (const run of taken) {
+    run.data.copy(data, at);
+    at += run.data.length;
+    for (let i = 0; i < Math.ceil(run.data.length / blockBytes); i++) blocks.push(run.first + i);
+  }
+  return { runs: taken.map((r) => ({ first: r.first, length: r.data.length })), data, blocks };
 }
 
 function dirtyPath(state: AgentState, diskId: number): string {

@@ -291,11 +291,11 @@ async function scanDisk(
   }
 }
 
-/** Keeps batches' uploads in disk order: a batch sends its chunks after the previous batch sent its own. */
+/** Keeps batches' uploads in order: a batch sends its chunks and block versions after the previous batch sent its own. */
 export interface ShipTurn {
-  /** Resolves when the previous batch has sent (not necessarily had acknowledged) its uploads. */
+  /** Resolves when the previous batch has sent (not necessarily had acknowledged) its `blocks.put`. */
   after: Promise<void>;
-  /** Called once this batch's uploads are all sent, or it gave up. */
+  /** Called once this batch's `blocks.put` is sent, or it gave up. */
   sent: () => void;
 }
 
@@ -303,9 +303,9 @@ export interface ShipTurn {
  * Ships the changed blocks of one batch: ask which chunks the vault lacks,
  * seal and upload those, then stage the block versions. `blockNumber` maps an
  * index into `data` to the disk block it holds. Returns the bytes changed.
- * Asking and sealing may run ahead of other batches; with a `turn`, uploads wait
- * for the previous batch's, so batches complete roughly in order and the
- * resume watermark keeps moving.
+ * Asking and sealing may run ahead of other batches; with a `turn`, uploads and
+ * staging wait for the previous batch's, so batches complete in order, the
+ * resume watermark keeps moving, and a block staged twice ends with its newer version.
  */
 export async function shipBlocks(
   conn: ReceiverConnection, pool: BlockPool, pointId: number, record: DiskRecord,
@@ -343,9 +343,12 @@ export async function shipBlocks(
         totals.bytesUploaded += envelope.length;
       }));
     }
-    turn?.sent();
     await Promise.all(replies);
-    await conn.request('blocks.put', { pointId, diskId: record.diskId, blocks: changed.map(blockNumber), ids });
+    // Staging is in turn too: a block read twice (continuous mode re-reads late writes) must have
+    // its newer version staged last.
+    const staged = await conn.send('blocks.put', { pointId, diskId: record.diskId, blocks: changed.map(blockNumber), ids });
+    turn?.sent();
+    await staged.reply;
     totals.blocksChanged += changed.length;
     return changedBytes;
   } finally {
