@@ -4,7 +4,7 @@
 // figure beside a baseline measured in the same run on the same data. Writes
 // DIR/latest.json and DIR/latest.md (default bench/results). See README "Benchmark".
 import { mkdirSync, writeFileSync, rmSync } from 'node:fs';
-import { availableParallelism, cpus, totalmem } from 'node:os';
+import { availableParallelism, cpus, loadavg, totalmem } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
 import { changeBlocks, sha256File } from '../test/fixtures.js';
@@ -35,6 +35,7 @@ async function main(): Promise<void> {
   const missingLz4 = lz4Available();
   if (missingLz4) throw new Error(missingLz4);
 
+  const loadBefore = loadavg()[0]!;
   const work = tempDir('tidemark-bench-');
   const cluster = await BenchCluster.start();
   try {
@@ -83,7 +84,8 @@ async function main(): Promise<void> {
     const initialSeconds = initial.point.durationMs / 1000;
     const results: BenchResults = {
       date: new Date().toISOString(),
-      machine: { cores: availableParallelism(), cpu: cpus()[0]?.model ?? 'unknown', memoryBytes: totalmem(), node: process.version },
+      // Load from other work on the machine skews every figure; the 1-minute load average says how much.
+      machine: { cores: availableParallelism(), cpu: cpus()[0]?.model ?? 'unknown', memoryBytes: totalmem(), node: process.version, loadBefore, loadAfter: loadavg()[0]! },
       image: { sizeBytes, dataBytes: data, blockBytes: DEFAULT_BLOCK_BYTES, fill: 'ext4, ~60 % full: random binaries, logs, gzip archives, a duplicated directory' },
       baselines: { coldRead: brief(coldRead), warmRead: brief(warmRead), lz4: brief(lz4), cp: brief(cp) },
       initialSync: {

@@ -4,7 +4,7 @@ import type { ContinuousResults } from './continuous.js';
 
 export interface BenchResults {
   date: string;
-  machine: { cores: number; cpu: string; memoryBytes: number; node: string };
+  machine: { cores: number; cpu: string; memoryBytes: number; node: string; loadBefore: number; loadAfter: number };
   image: { sizeBytes: number; dataBytes: number; blockBytes: number; fill: string };
   baselines: Record<'coldRead' | 'warmRead' | 'lz4' | 'cp', { seconds: number; mibps: number }>;
   initialSync: {
@@ -61,7 +61,7 @@ export function rows(r: BenchResults): Row[] {
 }
 
 function header(r: BenchResults): string {
-  return `${r.date} · ${r.machine.cores} cores (${r.machine.cpu}) · Node ${r.machine.node} · image ${mib(r.image.sizeBytes)}, ${mib(r.image.dataBytes)} data, ${r.image.blockBytes / 1024} KiB blocks`;
+  return `${r.date} · ${r.machine.cores} cores (${r.machine.cpu}), load average ${r.machine.loadBefore.toFixed(1)} before / ${r.machine.loadAfter.toFixed(1)} after · Node ${r.machine.node} · image ${mib(r.image.sizeBytes)}, ${mib(r.image.dataBytes)} data, ${r.image.blockBytes / 1024} KiB blocks`;
 }
 
 export function renderTable(r: BenchResults): string {
