@@ -266,6 +266,7 @@ async function scanDisk(
             const changedBytes = await shipBlocks(conn, pool, pointId, record, (i) => batchFirst + i, data, scanned, totals, turn);
             target.changedBytes += changedBytes;
           }
+          sent(); // nothing (more) to upload: the next batch may send while this one waits its turn below
           await before;
           hashes.write(batchFirst, scanned.hashes);
           hashes.sync();
