@@ -6,21 +6,25 @@
 import { createHash } from 'node:crypto';
 import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
-import { xxh3 } from '@node-rs/xxhash';
 import type { VaultKeys } from '../shared/chunk-crypto.js';
 import type { ReceiverConnection } from '../shared/connection.js';
 import { DiskReader } from '../shared/disk-reader.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
+import { BlockPool } from './block-pool.js';
 import { DirtyMap } from './dirty-map.js';
 import { describeDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
 import { reportStatus } from './status-report.js';
-import { blockOf, openSession, registerDisk, shipBlocks, syncOnce, type SyncResult, type Totals } from './sync.js';
+import { openSession, registerDisk, shipBlocks, syncOnce, type ShipTurn, type SyncResult, type Totals } from './sync.js';
 import { TraceInstance, monotonicSeconds, tracefsUnavailableReason, type TraceTarget, type WriteKind } from './tracefs.js';
 
 const MAX_ROUNDS = 12;
 const MAX_RUN_BLOCKS = 256;
+/** Bytes of dirty runs scanned and uploaded together. */
+const MAX_GROUP_BYTES = 8 * 1024 * 1024;
+/** Groups being hashed, sealed or uploaded at once. */
+const GROUPS_IN_FLIGHT = 2;
 const BACKGROUND_DRAIN_MS = 50;
 
 export interface ReplicatorOptions {
@@ -33,6 +37,8 @@ export interface ReplicatorOptions {
   tracker: 'auto' | 'tracefs' | 'scan';
   json: boolean;
   log: Logger;
+  /** Workers to use; without one, replicate() starts its own for its whole run. */
+  pool?: BlockPool;
 }
 
 export interface PointEvent extends Partial<SyncResult> {
@@ -43,7 +49,17 @@ export interface PointEvent extends Partial<SyncResult> {
   mode: 'initial' | 'incremental' | 'resync';
 }
 
-export async function replicate(opts: ReplicatorOptions, onPoint: (p: PointEvent) => void): Promise<void> {
+export async function replicate(options: ReplicatorOptions, onPoint: (p: PointEvent) => void): Promise<void> {
+  // One set of workers for the life of the agent, closed however the loop ends.
+  const pool = options.pool ?? new BlockPool(options.keys);
+  try {
+    await replicateWith({ ...options, pool }, onPoint);
+  } finally {
+    if (pool !== options.pool) await pool.close();
+  }
+}
+
+async function replicateWith(opts: ReplicatorOptions & { pool: BlockPool }, onPoint: (p: PointEvent) => void): Promise<void> {
   const stop = stopSignal();
   const images = opts.diskPaths.filter((p) => !isBlockDevice(p));
   const unavailable = images.length > 0 ? `${images.join(', ')} ${images.length > 1 ? 'are image files' : 'is an image file'}` : tracefsUnavailableReason();
@@ -117,7 +133,7 @@ async function everyInterval(opts: ReplicatorOptions, stop: Stop, cycle: () => P
   }
 }
 
-async function scanLoop(opts: ReplicatorOptions, stop: Stop, onPoint: (p: PointEvent) => void): Promise<void> {
+async function scanLoop(opts: ReplicatorOptions & { pool: BlockPool }, stop: Stop, onPoint: (p: PointEvent) => void): Promise<void> {
   await everyInterval(opts, stop, async () => {
     const r = await syncOnce({ ...opts, diskPaths: opts.diskPaths });
     onPoint({ ...r, tracker: 'scan', mode: r.initial ? 'initial' : 'incremental' });
@@ -150,7 +166,7 @@ class TracefsReplicator {
   private readingFlag: string;
 
   private constructor(
-    private readonly opts: ReplicatorOptions,
+    private readonly opts: ReplicatorOptions & { pool: BlockPool },
     private readonly instance: TraceInstance,
     private readonly disks: Tracked[],
     needScan: string | null,
@@ -163,7 +179,7 @@ class TracefsReplicator {
     this.drainTimer = setInterval(() => this.drain(), BACKGROUND_DRAIN_MS);
   }
 
-  static async start(opts: ReplicatorOptions, onPoint: (p: PointEvent) => void): Promise<TracefsReplicator> {
+  static async start(opts: ReplicatorOptions & { pool: BlockPool }, onPoint: (p: PointEvent) => void): Promise<TracefsReplicator> {
     const { state } = opts;
     const infos = await Promise.all(opts.diskPaths.map((p) => describeDisk(p, { measureData: false })));
     const targets: TraceTarget[] = infos.map((info) => {
@@ -431,23 +447,54 @@ class TracefsReplicator {
     const shipped = HashFile.open(this.opts.state.hashPath(record.diskId, 'shipped'));
     let changedBytes = 0;
     try {
-      for (const { first, data } of runs) {
-        const count = Math.ceil(data.length / record.blockBytes);
-        const known = shipped.read(first, count);
-        const changed: number[] = [];
-        for (let i = 0; i < count; i++) {
-          const hash = xxh3.xxh64(blockOf(data, i, record.blockBytes));
-          const previous = hashes.get(first + i) ?? known[i];
-          if (force || hash !== previous) changed.push(i);
-          hashes.set(first + i, hash);
+      // Random writes leave many one-block runs: shipped one by one, each would cost several
+      // round trips to the workers and the receiver. Runs go in groups, one scan and one upload
+      // each; two groups at a time (their uploads in order), so one hashes while the other
+      // uploads. A group is packed only when its turn comes, and the runs it took are dropped
+      // from `runs`, so a large dirty set is not held twice.
+      let previousSent: Promise<void> = Promise.resolve();
+      const shipGroup = async (group: RunGroup): Promise<void> => {
+        const known = new BigUint64Array(group.blocks.length);
+        let at = 0;
+        for (const run of group.runs) {
+          const count = Math.ceil(run.length / record.blockBytes);
+          known.set(shipped.read(run.first, count), at);
+          at += count;
         }
-        if (changed.length > 0) changedBytes += await shipBlocks(conn, this.opts.keys, pointId, record, first, data, changed, totals);
+        group.blocks.forEach((block, i) => (known[i] = hashes.get(block) ?? known[i]!));
+        let sent!: () => void;
+        const turn: ShipTurn = { after: previousSent, sent: () => sent() };
+        previousSent = new Promise<void>((resolve) => (sent = resolve));
+        try {
+          const scanned = await this.opts.pool.scan(group.data, record.blockBytes, force ? null : known);
+          scanned.hashes.forEach((hash, i) => hashes.set(group.blocks[i]!, hash));
+          if (scanned.changed.length > 0) {
+            const bytes = await shipBlocks(conn, this.opts.pool, pointId, record, (i) => group.blocks[i]!, group.data, scanned, totals, turn);
+            changedBytes += bytes; // after the await: groups finish in any order
+          }
+        } finally {
+          sent();
+        }
+      };
+      const inFlight = new Set<Promise<void>>();
+      const settled: Array<Promise<void>> = [];
+      let failed = false;
+      for (let group = takeGroup(runs, record.blockBytes); group && !failed; group = takeGroup(runs, record.blockBytes)) {
+        const shipping = shipGroup(group);
+        shipping.catch(() => (failed = true));
+        settled.push(shipping);
+        inFlight.add(shipping);
+        void shipping.finally(() => inFlight.delete(shipping)).catch(() => {});
+        if (inFlight.size >= GROUPS_IN_FLIGHT) await Promise.race([...inFlight]).catch(() => {});
       }
+      const failure = (await Promise.allSettled(settled)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
+      if (failure) throw failure.reason;
     } finally {
       shipped.close();
     }
     return changedBytes;
   }
+
 
   /** After the commit reply: shipped hashes first, then the dirty maps forget what the point holds. */
   private recordCommitted(shippedHashes: Array<Map<number, bigint>>): void {
@@ -468,6 +515,41 @@ class TracefsReplicator {
     }
     state.setOpenPointId(null);
   }
+}
+
+interface RunGroup {
+  /** Where each run began and how many bytes it had. */
+  runs: Array<{ first: number; length: number }>;
+  /** The runs' data back to back, in shared memory for the workers. */
+  data: Buffer;
+  /** Disk block number of each block of `data`. */
+  blocks: number[];
+}
+
+/**
+ * Takes runs off the front of `runs` into one group of at most MAX_GROUP_BYTES
+ * (or one larger run); null when none are left. Only a group's last block may
+ * be short (the disk's final block), so a run that ends short closes its group.
+ */
+function takeGroup(runs: Array<{ first: number; data: Buffer }>, blockBytes: number): RunGroup | null {
+  let count = 0;
+  let bytes = 0;
+  while (count < runs.length && (count === 0 || bytes + runs[count]!.data.length <= MAX_GROUP_BYTES)) {
+    bytes += runs[count]!.data.length;
+    count++;
+    if (runs[count - 1]!.data.length % blockBytes !== 0) break;
+  }
+  if (count === 0) return null;
+  const taken = runs.splice(0, count);
+  const data = BlockPool.sharedBuffer(bytes);
+  const blocks: number[] = [];
+  let at = 0;
+  for (const run of taken) {
+    run.data.copy(data, at);
+    at += run.data.length;
+    for (let i = 0; i < Math.ceil(run.data.length / blockBytes); i++) blocks.push(run.first + i);
+  }
+  return { runs: taken.map((r) => ({ first: r.first, length: r.data.length })), data, blocks };
 }
 
 function dirtyPath(state: AgentState, diskId: number): string {

@@ -8,7 +8,7 @@
 // the point is committed flagged as *not* crash-consistent.
 import { existsSync } from 'node:fs';
 import { xxh3 } from '@node-rs/xxhash';
-import { chunkId, sealChunk, type VaultKeys } from '../shared/chunk-crypto.js';
+import type { VaultKeys } from '../shared/chunk-crypto.js';
 import { ReceiverConnection } from '../shared/connection.js';
 import { TidemarkError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
@@ -16,7 +16,9 @@ import { Progress, ProgressReporter } from '../shared/progress.js';
 import { MAX_IDS_PER_QUERY, SESSION_PATH } from '../shared/protocol.js';
 import { changeCounters } from './change-counter.js';
 import { DiskReader } from '../shared/disk-reader.js';
-import { isZeroBlock } from '../shared/zero-block.js';
+import { blockCountOf, blockOf } from './block-work.js';
+import { BlockPool, type ScannedBlocks } from './block-pool.js';
+import { SlabPool } from './slab-pool.js';
 import { describeDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
 import { reportStatus } from './status-report.js';
@@ -24,7 +26,9 @@ import { reportStatus } from './status-report.js';
 const MAX_PASSES = 3;
 /** A cycle can lose a race with the receiver's garbage collection (SPEC §5.4); a few tries always win it. */
 const MAX_ATTEMPTS = 3;
-const READ_BATCH_BYTES = 16 * 1024 * 1024;
+const READ_BATCH_BYTES = 8 * 1024 * 1024;
+/** Batches read beyond one per worker: keeps the workers fed while a batch waits on the receiver; each costs a slab of memory. */
+const READ_AHEAD_BATCHES = 1;
 /** Hash of a block nobody has described yet: forces the block to be shipped. */
 const UNKNOWN_HASH = 0n;
 
@@ -36,6 +40,8 @@ export interface SyncOptions {
   bytesPerSecond: number;
   json: boolean;
   log: Logger;
+  /** Workers to use; without one, the sync starts its own and closes it. */
+  pool?: BlockPool;
 }
 
 export interface SyncResult {
@@ -95,18 +101,23 @@ export async function openSession(state: AgentState, keys: VaultKeys, bytesPerSe
 }
 
 export async function syncOnce(opts: SyncOptions): Promise<SyncResult> {
-  for (let attempt = 1; ; attempt++) {
-    try {
-      return await syncAttempt(opts);
-    } catch (err) {
-      // Prune collected a chunk between our query and its blocks.put: resuming the open point ships it again.
-      if (!(err instanceof TidemarkError && err.code === 'E_NOT_FOUND' && err.retryable) || attempt >= MAX_ATTEMPTS) throw err;
-      opts.log.info({ reason: err.message }, 'a chunk was collected by the receiver during the sync; resuming');
+  const pool = opts.pool ?? new BlockPool(opts.keys);
+  try {
+    for (let attempt = 1; ; attempt++) {
+      try {
+        return await syncAttempt(opts, pool);
+      } catch (err) {
+        // Prune collected a chunk between our query and its blocks.put: resuming the open point ships it again.
+        if (!(err instanceof TidemarkError && err.code === 'E_NOT_FOUND' && err.retryable) || attempt >= MAX_ATTEMPTS) throw err;
+        opts.log.info({ reason: err.message }, 'a chunk was collected by the receiver during the sync; resuming');
+      }
     }
+  } finally {
+    if (pool !== opts.pool) await pool.close();
   }
 }
 
-async function syncAttempt(opts: SyncOptions): Promise<SyncResult> {
+async function syncAttempt(opts: SyncOptions, pool: BlockPool): Promise<SyncResult> {
   const startedMs = Date.now();
   const { state } = opts;
   const conn = await openSession(state, opts.keys, opts.bytesPerSecond);
@@ -138,7 +149,7 @@ async function syncAttempt(opts: SyncOptions): Promise<SyncResult> {
       const phase = initial ? (passes === 0 ? 'initial sync' : 'initial sync (converging)') : passes === 0 ? 'incremental sync' : 'incremental sync (converging)';
       state.saveStatus({ state: initial ? 'InitialSync' : 'Replicating', reason: phase });
       void reportStatus(conn, state);
-      await scanPass(conn, opts, begun.pointId, targets, fromWatermark, phase, totals);
+      await scanPass(conn, opts, pool, begun.pointId, targets, fromWatermark, phase, totals);
       cutMs = Date.now();
       passes++;
       consistent = !fromWatermark && changeCounters(paths).every((c, i) => c === before[i]);
@@ -197,99 +208,166 @@ export async function registerDisk(conn: ReceiverConnection, state: AgentState, 
 }
 
 async function scanPass(
-  conn: ReceiverConnection, opts: SyncOptions, pointId: number, targets: Target[], fromWatermark: boolean, phase: string, totals: Totals,
+  conn: ReceiverConnection, opts: SyncOptions, pool: BlockPool, pointId: number, targets: Target[], fromWatermark: boolean, phase: string, totals: Totals,
 ): Promise<void> {
   const start = (t: Target) => (fromWatermark ? t.record.watermark : 0);
   const progress = new Progress(phase, targets.reduce((sum, t) => sum + Math.max(0, t.record.sizeBytes - start(t) * t.record.blockBytes), 0));
   const reporter = new ProgressReporter(opts.json);
   let lastSavedMs = 0;
-  for (const target of targets) {
-    const { record } = target;
-    const hashes = HashFile.open(opts.state.hashPath(record.diskId, 'pending'));
-    const batchBlocks = Math.max(1, Math.floor(READ_BATCH_BYTES / record.blockBytes));
-    let reader: DiskReader | undefined;
-    try {
-      reader = await DiskReader.open(record.path, batchBlocks * record.blockBytes);
-      for (let first = start(target); first < target.blockCount; first += batchBlocks) {
-        const count = Math.min(batchBlocks, target.blockCount - first);
-        const data = await reader.read(first * record.blockBytes, Math.min(count * record.blockBytes, record.sizeBytes - first * record.blockBytes));
-        const known = hashes.read(first, count);
-        const changed: number[] = [];
-        for (let i = 0; i < count; i++) {
-          const hash = xxh3.xxh64(blockOf(data, i, record.blockBytes));
-          if (hash !== known[i]) {
-            known[i] = hash;
-            changed.push(i);
-          }
-        }
-        if (changed.length > 0) {
-          target.changedBytes += await shipBlocks(conn, opts.keys, pointId, record, first, data, changed, totals);
-        }
-        // Order matters for resume: the receiver staged the blocks, then their hashes are durable,
-        // then the watermark says they are done.
-        hashes.write(first, known);
-        hashes.sync();
-        opts.state.setWatermark(record.path, first + count);
-        totals.bytesRead += data.length;
-        progress.add(data.length);
-        reporter.report(progress);
-        if (Date.now() - lastSavedMs > 1000) {
-          lastSavedMs = Date.now();
-          const snapshot = progress.snapshot();
-          opts.state.saveStatus({ progress: snapshot, backlogBytes: snapshot.bytesTotal - snapshot.bytesDone });
-          void reportStatus(conn, opts.state);
-        }
-      }
-    } finally {
-      hashes.close();
-      await reader?.close();
+  const onBatchDone = (bytes: number) => {
+    totals.bytesRead += bytes;
+    progress.add(bytes);
+    reporter.report(progress);
+    if (Date.now() - lastSavedMs > 1000) {
+      lastSavedMs = Date.now();
+      const snapshot = progress.snapshot();
+      opts.state.saveStatus({ progress: snapshot, backlogBytes: snapshot.bytesTotal - snapshot.bytesDone });
+      void reportStatus(conn, opts.state);
     }
+  };
+  for (const target of targets) {
+    await scanDisk(conn, opts, pool, pointId, target, start(target), totals, onBatchDone);
   }
   reporter.report(progress, true);
   reporter.done();
 }
 
-export function blockOf(data: Buffer, index: number, blockBytes: number): Buffer {
-  return data.subarray(index * blockBytes, Math.min((index + 1) * blockBytes, data.length));
+/**
+ * One disk, as a pipeline of read batches: the next batches are read while
+ * earlier ones are hashed and sealed on the workers and sent; a fixed set of
+ * slabs bounds how far reading runs ahead. Batches finish strictly in order,
+ * which the resume rule needs: a batch's blocks are staged on the receiver,
+ * then its hashes are durable, then the watermark moves past it.
+ */
+async function scanDisk(
+  conn: ReceiverConnection, opts: SyncOptions, pool: BlockPool, pointId: number, target: Target, startBlock: number,
+  totals: Totals, onBatchDone: (bytes: number) => void,
+): Promise<void> {
+  const { record } = target;
+  const batchBlocks = Math.max(1, Math.floor(READ_BATCH_BYTES / record.blockBytes));
+  const slabs = new SlabPool(pool.size + READ_AHEAD_BATCHES, batchBlocks * record.blockBytes);
+  const hashes = HashFile.open(opts.state.hashPath(record.diskId, 'pending'));
+  const batches: Array<Promise<void>> = [];
+  let failed = false;
+  let reader: DiskReader | undefined;
+  try {
+    reader = await DiskReader.open(record.path, batchBlocks * record.blockBytes);
+    let previous: Promise<void> = Promise.resolve();
+    let previousSent: Promise<void> = Promise.resolve();
+    for (let first = startBlock; first < target.blockCount && !failed; first += batchBlocks) {
+      const slab = await slabs.acquire();
+      if (failed) {
+        slabs.release(slab);
+        break;
+      }
+      let data: Buffer;
+      try {
+        const count = Math.min(batchBlocks, target.blockCount - first);
+        data = await reader.readInto(slab, first * record.blockBytes, Math.min(count * record.blockBytes, record.sizeBytes - first * record.blockBytes));
+      } catch (err) {
+        slabs.release(slab);
+        throw err;
+      }
+      const batchFirst = first;
+      const known = hashes.read(batchFirst, blockCountOf(data, record.blockBytes));
+      const before = previous;
+      let sent!: () => void;
+      const turn: ShipTurn = { after: previousSent, sent: () => sent() };
+      previousSent = new Promise<void>((resolve) => (sent = resolve));
+      const batch = (async () => {
+        try {
+          const scanned = await pool.scan(data, record.blockBytes, known);
+          if (scanned.changed.length > 0) {
+            const changedBytes = await shipBlocks(conn, pool, pointId, record, (i) => batchFirst + i, data, scanned, totals, turn);
+            target.changedBytes += changedBytes;
+          }
+          sent(); // nothing (more) to upload: the next batch may send while this one waits its turn below
+          await before;
+          hashes.write(batchFirst, scanned.hashes);
+          hashes.sync();
+          opts.state.setWatermark(record.path, batchFirst + scanned.hashes.length);
+          onBatchDone(data.length);
+        } finally {
+          sent(); // also when nothing changed or the batch failed: the next batch must not wait forever
+          slabs.release(slab);
+        }
+      })();
+      // Stop reading at the first failure; later batches fail too (they wait on this one).
+      batch.catch(() => (failed = true));
+      batches.push(batch);
+      previous = batch;
+    }
+  } finally {
+    // Every batch settles before the hash file closes, whatever failed.
+    const settled = await Promise.allSettled(batches);
+    hashes.close();
+    await reader?.close();
+    const failure = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+    if (failure) throw failure.reason;
+  }
+}
+
+/** Keeps batches' uploads in order: a batch sends its chunks and block versions after the previous batch sent its own. */
+export interface ShipTurn {
+  /** Resolves when the previous batch has sent (not necessarily had acknowledged) its `blocks.put`. */
+  after: Promise<void>;
+  /** Called once this batch's `blocks.put` is sent, or it gave up. */
+  sent: () => void;
 }
 
 /**
- * Ships changed blocks of one read batch: ask which chunks the vault lacks,
- * upload those, then stage the block versions. Returns the bytes changed.
+ * Ships the changed blocks of one batch: ask which chunks the vault lacks,
+ * seal and upload those, then stage the block versions. `blockNumber` maps an
+ * index into `data` to the disk block it holds. Returns the bytes changed.
+ * Asking and sealing may run ahead of other batches; with a `turn`, uploads and
+ * staging wait for the previous batch's, so batches complete in order, the
+ * resume watermark keeps moving, and a block staged twice ends with its newer version.
  */
 export async function shipBlocks(
-  conn: ReceiverConnection, keys: VaultKeys, pointId: number, record: DiskRecord,
-  first: number, data: Buffer, changed: number[], totals: Totals,
+  conn: ReceiverConnection, pool: BlockPool, pointId: number, record: DiskRecord,
+  blockNumber: (index: number) => number, data: Buffer, scanned: Pick<ScannedBlocks, 'changed' | 'ids'>, totals: Totals, turn?: ShipTurn,
 ): Promise<number> {
-  const ids: Array<Buffer | null> = [];
-  const unique = new Map<string, { id: Buffer; plaintext: Buffer }>();
-  let changedBytes = 0;
-  for (const i of changed) {
-    const block = blockOf(data, i, record.blockBytes);
-    changedBytes += block.length;
-    if (isZeroBlock(block)) {
-      ids.push(null);
-      continue;
+  try {
+    const { changed, ids } = scanned;
+    const unique = new Map<string, { id: Buffer; index: number }>();
+    let changedBytes = 0;
+    changed.forEach((index, n) => {
+      changedBytes += blockOf(data, index, record.blockBytes).length;
+      const id = ids[n];
+      if (id) unique.set(id.toString('hex'), { id, index });
+    });
+    const candidates = [...unique.values()];
+    const uploads: Array<{ id: Buffer; envelope: Buffer }> = [];
+    for (let from = 0; from < candidates.length; from += MAX_IDS_PER_QUERY) {
+      const slice = candidates.slice(from, from + MAX_IDS_PER_QUERY);
+      const { missing } = await conn.request('chunks.query', { ids: slice.map((c) => c.id) });
+      totals.chunksDeduplicated += slice.length - missing.length;
+      const wanted = missing.map((index) => {
+        const chunk = slice[index];
+        if (!chunk) throw new TidemarkError('E_PROTOCOL', `receiver named chunk ${index} of a query of ${slice.length}`);
+        return chunk;
+      });
+      const envelopes = await pool.seal(data, record.blockBytes, wanted.map((c) => c.index), wanted.map((c) => c.id));
+      wanted.forEach((c, n) => uploads.push({ id: c.id, envelope: envelopes[n]! }));
     }
-    const id = chunkId(keys, block);
-    ids.push(id);
-    unique.set(id.toString('hex'), { id, plaintext: block });
+    await turn?.after;
+    const replies: Array<Promise<unknown>> = [];
+    for (const { id, envelope } of uploads) {
+      const { reply } = await conn.send('chunk.put', { id, data: envelope });
+      replies.push(reply.then(() => {
+        totals.chunksUploaded++;
+        totals.bytesUploaded += envelope.length;
+      }));
+    }
+    await Promise.all(replies);
+    // Staging is in turn too: a block read twice (continuous mode re-reads late writes) must have
+    // its newer version staged last.
+    const staged = await conn.send('blocks.put', { pointId, diskId: record.diskId, blocks: changed.map(blockNumber), ids });
+    turn?.sent();
+    await staged.reply;
+    totals.blocksChanged += changed.length;
+    return changedBytes;
+  } finally {
+    turn?.sent();
   }
-  const candidates = [...unique.values()];
-  for (let from = 0; from < candidates.length; from += MAX_IDS_PER_QUERY) {
-    const slice = candidates.slice(from, from + MAX_IDS_PER_QUERY);
-    const { missing } = await conn.request('chunks.query', { ids: slice.map((c) => c.id) });
-    totals.chunksDeduplicated += slice.length - missing.length;
-    await Promise.all(missing.map(async (index) => {
-      const chunk = slice[index];
-      if (!chunk) throw new TidemarkError('E_PROTOCOL', `receiver named chunk ${index} of a query of ${slice.length}`);
-      const envelope = sealChunk(keys, chunk.id, chunk.plaintext);
-      await conn.request('chunk.put', { id: chunk.id, data: envelope });
-      totals.chunksUploaded++;
-      totals.bytesUploaded += envelope.length;
-    }));
-  }
-  await conn.request('blocks.put', { pointId, diskId: record.diskId, blocks: changed.map((i) => first + i), ids });
-  totals.blocksChanged += changed.length;
-  return changedBytes;
 }

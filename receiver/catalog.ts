@@ -1,7 +1,7 @@
 // The receiver's catalog: one SQLite database (WAL, synchronous=FULL) that maps
 // chunks to pack files and records, per recovery point, which blocks changed.
 // Schema and invariants: docs/SPEC.md §5.
-import Database from 'better-sqlite3';
+import Database, { type Statement } from 'better-sqlite3';
 import { createHash, randomBytes } from 'node:crypto';
 import { TidemarkError } from '../shared/errors.js';
 import type { HostState, PointInfo } from '../shared/protocol.js';
@@ -275,8 +275,12 @@ export class Catalog {
 
   // --- chunks -------------------------------------------------------------
 
+  /** Asked for every chunk of every query and put: prepared once rather than per call. */
+  private hasChunkStatement: Statement | null = null;
+
   hasChunk(vaultId: string, id: Buffer): boolean {
-    return this.db.prepare(`SELECT 1 FROM chunk WHERE vault_id = ? AND id = ?`).get(vaultId, id) !== undefined;
+    this.hasChunkStatement ??= this.db.prepare(`SELECT 1 FROM chunk WHERE vault_id = ? AND id = ?`);
+    return this.hasChunkStatement.get(vaultId, id) !== undefined;
   }
 
   chunkLocation(vaultId: string, id: Buffer): ChunkLocation | undefined {

@@ -10,6 +10,7 @@ import { TidemarkError } from '../shared/errors.js';
 import { Progress, ProgressReporter } from '../shared/progress.js';
 import type { PointInfo } from '../shared/protocol.js';
 import { findDisk, readPointBlocks } from './point-blocks.js';
+import { RunWriter } from './run-writer.js';
 
 /** The `disk --json` document (DESIGN §9); failback fills every field, a plain restore compares nothing. */
 export interface RestoreDiskResult {
@@ -36,14 +37,16 @@ export async function restoreDisk(conn: ReceiverConnection, keys: VaultKeys, poi
   try {
     if (!isDevice) await file.truncate(disk.sizeBytes);
     const zeros = Buffer.alloc(disk.blockBytes);
+    const writer = new RunWriter(file);
     // A device gets every block in order (zeros over whatever was there); an image only its data blocks.
     for await (const block of readPointBlocks(conn, keys, point, disk, result, { everyBlock: isDevice })) {
       const data = block.data ?? zeros.subarray(0, block.length);
-      await file.write(data, 0, data.length, block.offset);
+      await writer.write(data, block.offset);
       result.bytesWritten += data.length;
       progress.add(block.offset + block.length - progress.bytesDone); // progress is the position on the disk
       reporter.report(progress);
     }
+    await writer.flush();
     await file.sync();
   } catch (err) {
     await file.close();

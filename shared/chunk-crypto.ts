@@ -35,15 +35,18 @@ export class VaultKeys {
   }
 }
 
-export function chunkId(keys: VaultKeys, plaintext: Buffer): Buffer {
+/** The two secrets per-chunk work needs; worker threads get only these, not the whole key set. */
+export type ChunkKeys = Pick<VaultKeys, 'idKey' | 'encRoot'>;
+
+export function chunkId(keys: Pick<ChunkKeys, 'idKey'>, plaintext: Buffer): Buffer {
   return createHmac('sha256', keys.idKey).update(plaintext).digest();
 }
 
-function chunkKey(keys: VaultKeys, salt: Buffer): Buffer {
+function chunkKey(keys: Pick<ChunkKeys, 'encRoot'>, salt: Buffer): Buffer {
   return Buffer.from(hkdfSync('sha256', keys.encRoot, salt, 'tidemark chunk v1', 32));
 }
 
-export function sealChunk(keys: VaultKeys, id: Buffer, plaintext: Buffer): Buffer {
+export function sealChunk(keys: ChunkKeys, id: Buffer, plaintext: Buffer): Buffer {
   const compressed = compressSync(plaintext);
   const useLz4 = compressed.length < plaintext.length;
   const body = useLz4 ? compressed : plaintext;

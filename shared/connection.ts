@@ -130,6 +130,10 @@ export class ReceiverConnection {
       perMessageDeflate: false,
       maxPayload: MAX_FRAME_BYTES,
       handshakeTimeout: 10_000,
+      // An all-zero mask: both ends then skip the XOR over every payload byte (ws's JS fallback
+      // costs a CPU-second per GiB on each side). Masking guards browsers' shared proxies against
+      // cache poisoning; this client is not a browser and the link is TLS end to end.
+      generateMask: (mask: Buffer) => void mask.fill(0),
     });
     await new Promise<void>((resolve, reject) => {
       ws.once('open', () => resolve());
@@ -155,19 +159,38 @@ export class ReceiverConnection {
   }
 
   async request<T extends RequestType>(type: T, body: RequestBody<T>): Promise<Reply<T>> {
+    return (await this.send(type, body)).reply;
+  }
+
+  /**
+   * Sends a request once there is room, and resolves as soon as it is on its
+   * way, with the reply still to come. A caller that must keep its requests
+   * in order behind another's (batches of a sync) awaits the sends, not the
+   * replies, and so keeps the link full.
+   */
+  async send<T extends RequestType>(type: T, body: RequestBody<T>): Promise<{ reply: Promise<Reply<T>> }> {
+    if (this.closedError) throw this.closedError;
+    // Wait for room *before* encoding: a caller may issue thousands of requests at once, and
+    // encoded frames waiting their turn would hold a copy of every chunk in memory.
+    await this.waitWritable();
     if (this.closedError) throw this.closedError;
     const rid = this.nextRid++;
     const frame = encodeFrame({ ...body, t: type, rid });
-    await this.waitWritable(frame.length);
+    if (this.limiter) await this.limiter.take(frame.length);
     if (this.closedError) throw this.closedError;
     const reply = new Promise<Record<string, unknown>>((resolve, reject) => this.pending.set(rid, { type, resolve, reject }));
     this.unflushedBytes += frame.length;
     this.ws.send(frame, { binary: true }, () => {
       this.alive();
       this.unflushedBytes -= frame.length;
-      this.wakeWriters();
+      this.wakeWriter();
     });
-    return parseReply(type, await reply);
+    // Room left: let the next waiting request go too (one at a time, so they do not all wake to re-check).
+    if (this.unflushedBytes <= WRITE_HIGH_WATER_BYTES) this.wakeWriter();
+    const parsed = reply.then((r) => parseReply(type, r));
+    // A caller that gives up before awaiting the reply (an earlier request failed) must not leave an unhandled rejection.
+    parsed.catch(() => {});
+    return { reply: parsed };
   }
 
   close(): void {
@@ -175,11 +198,15 @@ export class ReceiverConnection {
     this.ws.close(1000);
   }
 
-  private async waitWritable(bytes: number): Promise<void> {
-    if (this.limiter) await this.limiter.take(bytes);
-    while (this.unflushedBytes > WRITE_HIGH_WATER_BYTES && !this.closedError) {
+  private async waitWritable(): Promise<void> {
+    while ((this.unflushedBytes > WRITE_HIGH_WATER_BYTES || this.writeWaiters.length > 0) && !this.closedError) {
       await new Promise<void>((resolve) => this.writeWaiters.push(resolve));
+      if (this.unflushedBytes <= WRITE_HIGH_WATER_BYTES) return;
     }
+  }
+
+  private wakeWriter(): void {
+    this.writeWaiters.shift()?.();
   }
 
   private wakeWriters(): void {

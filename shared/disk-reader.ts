@@ -32,14 +32,25 @@ export class DiskReader {
 
   /** Returns a buffer of its own (callers may keep it while the next read runs). */
   async read(position: number, length: number): Promise<Buffer> {
-    const target = this.aligned ? this.aligned.subarray(0, length) : Buffer.allocUnsafe(length);
+    return this.readInto(Buffer.allocUnsafe(length), position, length);
+  }
+
+  /**
+   * Reads into the caller's buffer (e.g. shared memory for worker threads) and
+   * returns the filled part. With O_DIRECT the data goes through the aligned
+   * scratch buffer, one copy; otherwise straight into `target`.
+   */
+  async readInto(target: Buffer, position: number, length: number): Promise<Buffer> {
+    if (length > target.length) throw new RangeError(`read of ${length} bytes into a ${target.length}-byte buffer`);
+    const landing = this.aligned ? this.aligned.subarray(0, length) : target.subarray(0, length);
     let done = 0;
     while (done < length) {
-      const { bytesRead } = await this.handle.read(target, done, length - done, position + done);
+      const { bytesRead } = await this.handle.read(landing, done, length - done, position + done);
       if (bytesRead === 0) throw new TidemarkError('E_DISK', `disk shrank while reading: short read at byte ${position + done}`);
       done += bytesRead;
     }
-    return this.aligned ? Buffer.from(target) : target;
+    if (this.aligned) landing.copy(target, 0, 0, length);
+    return target.subarray(0, length);
   }
 
   close(): Promise<void> {

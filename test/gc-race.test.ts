@@ -23,12 +23,12 @@ const BLOCKS = 16;
 
 describe('garbage collection racing a sync', () => {
   let d: Deployment;
-  const originalRequest = ReceiverConnection.prototype.request;
+  const originalSend = ReceiverConnection.prototype.send;
   before(async () => {
     d = await Deployment.start();
   });
   after(async () => {
-    ReceiverConnection.prototype.request = originalRequest;
+    ReceiverConnection.prototype.send = originalSend;
     await d?.close();
   });
 
@@ -37,13 +37,14 @@ describe('garbage collection racing a sync', () => {
     const disk = join(d.root, 'gamma.img');
     writeFileSync(disk, randomBytes(BLOCKS * BLOCK));
     let chunksFreed: number | null = null;
-    ReceiverConnection.prototype.request = async function (this: ReceiverConnection, type: any, body: any) {
+    // Every request goes out through send().
+    ReceiverConnection.prototype.send = async function (this: ReceiverConnection, type: any, body: any) {
       if (type === 'blocks.put' && chunksFreed === null) {
         // Nothing references the chunks just uploaded yet: this prune collects them.
         chunksFreed = (await runJson('receiver', ['prune', '--data', d.receiver.dataDir, '--json'])).chunksFreed as number;
       }
-      return originalRequest.call(this, type, body);
-    } as typeof originalRequest;
+      return originalSend.call(this, type, body);
+    } as typeof originalSend;
     try {
       const result = await syncOnce({
         state, keys: vaultKeys(d.keyFile), diskPaths: [disk], blockBytes: BLOCK, bytesPerSecond: 0, json: false, log: createLogger('test', 'warn'),
@@ -57,7 +58,7 @@ describe('garbage collection racing a sync', () => {
       await d.restore('gamma', disk, point.id, out);
       assert.equal(await sha256File(out), await sha256File(disk));
     } finally {
-      ReceiverConnection.prototype.request = originalRequest;
+      ReceiverConnection.prototype.send = originalSend;
       state.close();
     }
   });

@@ -1,0 +1,82 @@
+// The per-block CPU work of the agent, as plain functions over one range of
+// blocks: the worker threads run them, and tests compare the pool's answers
+// with a direct call. Results are packed in a few typed arrays so a worker
+// hands them back by transfer rather than by a copy per block.
+import { xxh3 } from '@node-rs/xxhash';
+import { CHUNK_ID_BYTES, chunkId, sealChunk, type ChunkKeys } from '../shared/chunk-crypto.js';
+import { isZeroBlock } from '../shared/zero-block.js';
+
+export interface ScanResult {
+  /** xxh3-64 of every block of the range. */
+  hashes: BigUint64Array;
+  /** Indices (within the range) of the blocks whose hash differs from `known`. */
+  changed: Uint32Array;
+  /** Per changed block: 1 when it is all zeros (never stored, no id). */
+  zero: Uint8Array;
+  /** Per changed block: its chunk id (32 bytes; all zero for a zero block). */
+  ids: Uint8Array;
+}
+
+export interface SealResult {
+  /** Every envelope, back to back. */
+  envelopes: Uint8Array;
+  /** Byte length of each envelope, in the order asked. */
+  lengths: Uint32Array;
+}
+
+export function blockOf(data: Buffer, index: number, blockBytes: number): Buffer {
+  return data.subarray(index * blockBytes, Math.min((index + 1) * blockBytes, data.length));
+}
+
+export function blockCountOf(data: Buffer, blockBytes: number): number {
+  return Math.ceil(data.length / blockBytes);
+}
+
+/**
+ * Hashes every block; for each block whose hash differs from `known` (every
+ * block when `known` is null) says whether it is zero and, if not, its chunk id.
+ * The MAC is computed only for changed blocks: an incremental scan hashes a
+ * whole disk but changes little.
+ */
+export function scanBlocks(keys: Pick<ChunkKeys, 'idKey'>, data: Buffer, blockBytes: number, known: BigUint64Array | null): ScanResult {
+  const count = blockCountOf(data, blockBytes);
+  if (known !== null && known.length !== count) throw new RangeError(`scan of ${count} blocks got ${known.length} known hashes`);
+  const hashes = new BigUint64Array(count);
+  const changed: number[] = [];
+  for (let i = 0; i < count; i++) {
+    hashes[i] = xxh3.xxh64(blockOf(data, i, blockBytes));
+    if (known === null || hashes[i] !== known[i]) changed.push(i);
+  }
+  const zero = new Uint8Array(changed.length);
+  const ids = new Uint8Array(changed.length * CHUNK_ID_BYTES);
+  changed.forEach((index, n) => {
+    const block = blockOf(data, index, blockBytes);
+    if (isZeroBlock(block)) zero[n] = 1;
+    else ids.set(chunkId(keys, block), n * CHUNK_ID_BYTES);
+  });
+  return { hashes, changed: Uint32Array.from(changed), zero, ids };
+}
+
+/** Seals the named blocks (indices within `data`) under their ids (32 bytes each, back to back). */
+export function sealBlocks(keys: ChunkKeys, data: Buffer, blockBytes: number, blocks: Uint32Array, ids: Uint8Array): SealResult {
+  if (ids.length !== blocks.length * CHUNK_ID_BYTES) throw new RangeError(`seal of ${blocks.length} blocks got ${ids.length / CHUNK_ID_BYTES} ids`);
+  const envelopes: Buffer[] = [];
+  const lengths = new Uint32Array(blocks.length);
+  let total = 0;
+  blocks.forEach((index, n) => {
+    if (index >= blockCountOf(data, blockBytes)) throw new RangeError(`block ${index} is outside the ${data.length}-byte range`);
+    const id = Buffer.from(ids.buffer, ids.byteOffset + n * CHUNK_ID_BYTES, CHUNK_ID_BYTES);
+    const envelope = sealChunk(keys, id, blockOf(data, index, blockBytes));
+    envelopes.push(envelope);
+    lengths[n] = envelope.length;
+    total += envelope.length;
+  });
+  // One fresh buffer the worker can give away: small envelopes may live in Node's shared pool, which must not be transferred.
+  const packed = new Uint8Array(total);
+  let at = 0;
+  for (const envelope of envelopes) {
+    packed.set(envelope, at);
+    at += envelope.length;
+  }
+  return { envelopes: packed, lengths };
+}
