@@ -11,7 +11,7 @@ import { MAX_MAP_PAGE, type PointInfo } from '../shared/protocol.js';
 export type PointDisk = PointInfo['disks'][number];
 
 /** Chunk fetches in flight at once; also how far the iterator reads ahead of its consumer. */
-const FETCH_CONCURRENCY = 16;
+const FETCH_CONCURRENCY = 64;
 
 export interface MapBlock {
   index: number;
