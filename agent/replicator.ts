@@ -495,7 +495,6 @@ class TracefsReplicator {
     return changedBytes;
   }
 
-
   /** After the commit reply: shipped hashes first, then the dirty maps forget what the point holds. */
   private recordCommitted(shippedHashes: Array<Map<number, bigint>>): void {
     const { state } = this.opts;

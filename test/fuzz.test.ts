@@ -37,7 +37,7 @@ import { Packr } from 'msgpackr/pack';
 import { Deployment } from './harness.js';
 import { changeBlocks, makePrng, sha256File, writeMixedImage } from './fixtures.js';
 import { listPoints, pointSha256, restoreSession, vaultKeys } from './point-check.js';
-import { RawWs, encodeWsFrame, type RawEvent } from './raw-ws.js';
+import { RawWs, type RawEvent } from './raw-ws.js';
 
 const MiB = 1024 * 1024;
 const SEED = Number(process.env.TIDEMARK_FUZZ_SEED ?? 20261121);
