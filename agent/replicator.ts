@@ -333,31 +333,26 @@ class TracefsReplicator {
     const changedBytes = this.disks.map(() => 0);
     let consistent = false;
     let cutMs = 0;
-    for (let round = 1; !consistent && round <= MAX_ROUNDS; round++) {
-      this.drain();
-      this.cutMonotonic = monotonicSeconds();
-      cutMs = Date.now();
-      const reads = await Promise.all(this.disks.map((d) => this.readBlocks(d, this.startRound(d), totals)));
-      for (let more = true; more; ) {
-        await this.catchUp();
-        more = false;
+    // Opened before the cut: opening probes the device, time that would widen the round.
+    const readers = await Promise.all(this.disks.map((d) => DiskReader.open(d.record.path, MAX_RUN_BLOCKS * d.record.blockBytes)));
+    try {
+      for (let round = 1; !consistent && round <= MAX_ROUNDS; round++) {
+        this.drain();
+        this.cutMonotonic = monotonicSeconds();
+        cutMs = Date.now();
+        const reads = await this.readRound(readers, totals);
+        const at = this.consistentInstant();
+        consistent = at !== null;
+        if (at !== null) cutMs = Math.round(Date.now() - (monotonicSeconds() - at) * 1000);
+        for (const d of this.disks) d.reading = null;
         for (const [i, d] of this.disks.entries()) {
-          const late = this.takeLate(d);
-          if (late) {
-            reads[i]!.push(...(await this.readBlocks(d, late, totals)));
-            more = true;
-          }
+          changedBytes[i] += await this.ship(conn, begun.pointId, d, reads[i]!, shippedHashes[i]!, force, totals);
         }
+        // Not clean: what was written since T (the blocks that moved included) is read at the next cut,
+        // and if no round is clean, by the next point.
       }
-      const at = this.consistentInstant();
-      consistent = at !== null;
-      if (at !== null) cutMs = Math.round(Date.now() - (monotonicSeconds() - at) * 1000);
-      for (const d of this.disks) d.reading = null;
-      for (const [i, d] of this.disks.entries()) {
-        changedBytes[i] += await this.ship(conn, begun.pointId, d, reads[i]!, shippedHashes[i]!, force, totals);
-      }
-      // Not clean: what was written since T (the blocks that moved included) is read at the next cut,
-      // and if no round is clean, by the next point.
+    } finally {
+      await Promise.all(readers.map((r) => r.close()));
     }
     await conn.request('point.commit', {
       pointId: begun.pointId, timeMs: cutMs, crashConsistent: consistent,
@@ -420,25 +415,39 @@ class TracefsReplicator {
     return late;
   }
 
-  /** Reads the blocks in runs (O_DIRECT for devices), noting when each read ended. */
-  private async readBlocks(d: Tracked, blocks: DirtyMap, totals: Totals): Promise<Array<{ first: number; data: Buffer }>> {
-    const { record } = d;
-    const runs: Array<{ first: number; data: Buffer }> = [];
-    const reader = await DiskReader.open(record.path, MAX_RUN_BLOCKS * record.blockBytes);
-    try {
-      for (const [first, count] of blocks.runs(MAX_RUN_BLOCKS)) {
-        const offset = first * record.blockBytes;
-        const readStart = monotonicSeconds();
-        const data = await reader.read(offset, Math.min(count * record.blockBytes, record.sizeBytes - offset));
-        const readEnd = monotonicSeconds();
-        for (let i = 0; i < count; i++) d.readSpan.set(first + i, [readStart, readEnd]);
-        totals.bytesRead += data.length;
-        runs.push({ first, data });
-      }
-    } finally {
-      await reader.close();
+  /**
+   * Reads the blocks known dirty at the cut while catching up with the kernel, then
+   * the blocks written before the cut but learned only now, until none are left.
+   */
+  private async readRound(readers: DiskReader[], totals: Totals): Promise<Array<Array<{ first: number; data: Buffer }>>> {
+    const reads = this.disks.map(() => [] as Array<{ first: number; data: Buffer }>);
+    let toRead: Array<DirtyMap | null> = this.disks.map((d) => this.startRound(d));
+    while (toRead.some((blocks) => blocks)) {
+      const [runs] = await Promise.all([
+        Promise.all(this.disks.map((d, i) => this.readBlocks(d, readers[i]!, toRead[i] ?? null, totals))),
+        this.catchUp(),
+      ]);
+      runs.forEach((r, i) => reads[i]!.push(...r));
+      toRead = this.disks.map((d) => this.takeLate(d));
     }
-    return runs;
+    return reads;
+  }
+
+  /** Reads the blocks in runs, all at once (O_DIRECT for devices), noting when each read started and ended. */
+  private async readBlocks(d: Tracked, reader: DiskReader, blocks: DirtyMap | null, totals: Totals): Promise<Array<{ first: number; data: Buffer }>> {
+    if (!blocks) return [];
+    const { blockBytes, sizeBytes } = d.record;
+    const ranges = [...blocks.runs(MAX_RUN_BLOCKS)].map(([first, count]) => ({
+      first, position: first * blockBytes, length: Math.min(count * blockBytes, sizeBytes - first * blockBytes),
+    }));
+    const runs: Array<{ first: number; data: Buffer }> = [];
+    await reader.readMany(ranges, (i, data, startedAt, endedAt) => {
+      const { first } = ranges[i]!;
+      for (let b = first; b * blockBytes < first * blockBytes + data.length; b++) d.readSpan.set(b, [startedAt, endedAt]);
+      totals.bytesRead += data.length;
+      runs.push({ first, data });
+    }, monotonicSeconds);
+    return runs.sort((a, b) => a.first - b.first);
   }
 
   /** Ships the blocks read whose content differs from what the receiver has. */

@@ -43,14 +43,41 @@ export class DiskReader {
   async readInto(target: Buffer, position: number, length: number): Promise<Buffer> {
     if (length > target.length) throw new RangeError(`read of ${length} bytes into a ${target.length}-byte buffer`);
     const landing = this.aligned ? this.aligned.subarray(0, length) : target.subarray(0, length);
-    let done = 0;
-    while (done < length) {
-      const { bytesRead } = await this.handle.read(landing, done, length - done, position + done);
+    await this.fill(landing, position);
+    if (this.aligned) landing.copy(target, 0, 0, length);
+    return target.subarray(0, length);
+  }
+
+  /**
+   * Reads several ranges at once (each into a buffer of its own), as many at a
+   * time as fit the scratch buffer; `onRead` learns when each read began and
+   * ended. Concurrent reads keep a round of scattered blocks short.
+   */
+  async readMany(ranges: ReadonlyArray<{ position: number; length: number }>, onRead: (index: number, data: Buffer, startedAt: number, endedAt: number) => void, now: () => number): Promise<void> {
+    const capacity = this.aligned?.length ?? Infinity;
+    for (let next = 0; next < ranges.length;) {
+      const batch: Array<Promise<void>> = [];
+      for (let used = 0; next < ranges.length && (batch.length === 0 || used + ranges[next]!.length <= capacity); next++) {
+        const { position, length } = ranges[next]!;
+        const index = next;
+        const landing = this.aligned?.subarray(used, used + length) ?? Buffer.allocUnsafe(length);
+        used += length;
+        batch.push((async () => {
+          const startedAt = now();
+          await this.fill(landing, position);
+          onRead(index, this.aligned ? Buffer.from(landing) : landing, startedAt, now());
+        })());
+      }
+      await Promise.all(batch);
+    }
+  }
+
+  private async fill(landing: Buffer, position: number): Promise<void> {
+    for (let done = 0; done < landing.length;) {
+      const { bytesRead } = await this.handle.read(landing, done, landing.length - done, position + done);
       if (bytesRead === 0) throw new TidemarkError('E_DISK', `disk shrank while reading: short read at byte ${position + done}`);
       done += bytesRead;
     }
-    if (this.aligned) landing.copy(target, 0, 0, length);
-    return target.subarray(0, length);
   }
 
   close(): Promise<void> {
