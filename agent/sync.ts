@@ -359,12 +359,12 @@ export async function shipBlocks(
         totals.bytesUploaded += envelope.length;
       }));
     }
-    await Promise.all(replies);
-    // Staging is in turn too: a block read twice (continuous mode re-reads late writes) must have
-    // its newer version staged last.
+    // Sent right behind the chunks, without waiting for their acks: the receiver stages it once
+    // every chunk sent before it is stored. Staging is in turn too: a block read twice
+    // (continuous mode re-reads late writes) must have its newer version staged last.
     const staged = await conn.send('blocks.put', { pointId, diskId: record.diskId, blocks: changed.map(blockNumber), ids });
     turn?.sent();
-    await staged.reply;
+    await Promise.all([...replies, staged.reply]);
     totals.blocksChanged += changed.length;
     return changedBytes;
   } finally {

@@ -25,6 +25,12 @@ export class Session {
   private vaultId: string | null = null;
   private inFlight = 0;
   private paused = false;
+  /**
+   * Settles once every chunk.put and blocks.put received so far has. Staging and
+   * commits wait on it: an agent may send a batch's blocks.put right behind its
+   * chunk.puts, and a block staged twice keeps the version sent last.
+   */
+  private received: Promise<unknown> = Promise.resolve();
 
   constructor(
     private readonly ws: WebSocket,
@@ -117,31 +123,44 @@ export class Session {
         return this.ctx.catalog.beginPoint(p.hostId, req.resume);
       case 'chunks.query':
         return { missing: req.ids.flatMap((id, i) => (this.ctx.catalog.hasChunk(vaultId, id) ? [] : [i])) };
-      case 'chunk.put':
+      case 'chunk.put': {
         checkEnvelopeShape(req.data, MAX_BLOCK_BYTES);
-        return { stored: await this.ctx.store.put(vaultId, req.id, req.data) };
-      case 'blocks.put': {
-        if (!this.ctx.catalog.openPointOf(p.hostId, req.pointId)) throw new TidemarkError('E_CONFLICT', `point ${req.pointId} is not open for this host`);
-        const disk = this.ctx.catalog.disk(req.diskId);
-        if (!disk || disk.hostId !== p.hostId) throw new TidemarkError('E_FORBIDDEN', `disk ${req.diskId} does not belong to this host`);
-        const blockCount = Math.ceil(disk.sizeBytes / disk.blockBytes);
-        const outside = req.blocks.find((b) => b >= blockCount);
-        if (outside !== undefined) throw new TidemarkError('E_PROTOCOL', `block ${outside} is past the end of disk ${disk.name} (${blockCount} blocks)`);
-        this.ctx.catalog.stageBlocks(vaultId, req.pointId, req.diskId, req.blocks, req.ids);
-        return { staged: req.blocks.length };
+        const stored = this.ctx.store.put(vaultId, req.id, req.data);
+        this.received = Promise.allSettled([this.received, stored]);
+        return { stored: await stored };
       }
-      case 'point.commit': {
-        const skewMs = req.timeMs - Date.now();
-        if (skewMs > 5 * 60_000) throw new TidemarkError('E_PROTOCOL', `point time is ${Math.round(skewMs / 1000)} s in the receiver's future; fix the agent's clock`);
-        this.ctx.catalog.commitPoint(p.hostId, req.pointId, req.timeMs, req.crashConsistent, req.disks);
-        this.ctx.log.info({ host: p.host, pointId: req.pointId, crashConsistent: req.crashConsistent }, 'point committed');
-        return { pointId: req.pointId };
-      }
+      case 'blocks.put':
+        return this.afterReceived(() => this.stage(p, vaultId, req));
+      case 'point.commit':
+        return this.afterReceived(() => {
+          const skewMs = req.timeMs - Date.now();
+          if (skewMs > 5 * 60_000) throw new TidemarkError('E_PROTOCOL', `point time is ${Math.round(skewMs / 1000)} s in the receiver's future; fix the agent's clock`);
+          this.ctx.catalog.commitPoint(p.hostId, req.pointId, req.timeMs, req.crashConsistent, req.disks);
+          this.ctx.log.info({ host: p.host, pointId: req.pointId, crashConsistent: req.crashConsistent }, 'point committed');
+          return { pointId: req.pointId };
+        });
       case 'status.report':
         this.ctx.catalog.saveHostReport(p.hostId, req);
         return {};
     }
     throw new TidemarkError('E_PROTOCOL', `unexpected message ${(req as Request).t}`);
+  }
+
+  private afterReceived<T>(work: () => T): Promise<T> {
+    const done = this.received.then(work);
+    this.received = done.catch(() => undefined);
+    return done;
+  }
+
+  private stage(p: Extract<Principal, { role: 'agent' }>, vaultId: string, req: Extract<Request, { t: 'blocks.put' }>): { staged: number } {
+    if (!this.ctx.catalog.openPointOf(p.hostId, req.pointId)) throw new TidemarkError('E_CONFLICT', `point ${req.pointId} is not open for this host`);
+    const disk = this.ctx.catalog.disk(req.diskId);
+    if (!disk || disk.hostId !== p.hostId) throw new TidemarkError('E_FORBIDDEN', `disk ${req.diskId} does not belong to this host`);
+    const blockCount = Math.ceil(disk.sizeBytes / disk.blockBytes);
+    const outside = req.blocks.find((b) => b >= blockCount);
+    if (outside !== undefined) throw new TidemarkError('E_PROTOCOL', `block ${outside} is past the end of disk ${disk.name} (${blockCount} blocks)`);
+    this.ctx.catalog.stageBlocks(vaultId, req.pointId, req.diskId, req.blocks, req.ids);
+    return { staged: req.blocks.length };
   }
 
   private hello(p: Exclude<Principal, { role: 'enroll' }>, vaultId: string, vaultProof: Buffer): object {
