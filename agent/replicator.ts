@@ -12,6 +12,7 @@ import { DiskReader } from '../shared/disk-reader.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { BlockPool } from './block-pool.js';
+import { SlabPool } from './slab-pool.js';
 import { DirtyMap } from './dirty-map.js';
 import { describeDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
@@ -20,8 +21,9 @@ import { openSession, registerDisk, shipBlocks, syncOnce, type ShipTurn, type Sy
 import { TraceInstance, monotonicSeconds, tracefsUnavailableReason, type TraceTarget, type WriteKind } from './tracefs.js';
 
 const MAX_ROUNDS = 12;
-const MAX_RUN_BLOCKS = 256;
-/** Bytes of dirty runs scanned and uploaded together. */
+/** What a round may hold in memory before its consistency is known; beyond it, it ships as it reads. */
+const ROUND_HOLD_BYTES = 64 * 1024 * 1024;
+/** Bytes of dirty runs read at once, and scanned and uploaded together; the longest run. */
 const MAX_GROUP_BYTES = 8 * 1024 * 1024;
 /** Groups being hashed, sealed or uploaded at once. */
 const GROUPS_IN_FLIGHT = 2;
@@ -140,6 +142,9 @@ async function scanLoop(opts: ReplicatorOptions & { pool: BlockPool }, stop: Sto
   });
 }
 
+/** Blocks read, as runs of consecutive blocks. */
+type Runs = Array<{ first: number; data: Buffer }>;
+
 interface Tracked {
   record: DiskRecord;
   blockCount: number;
@@ -163,6 +168,7 @@ class TracefsReplicator {
   private needScan: string | null;
   private lostBaseline: number;
   private drainTimer: NodeJS.Timeout;
+  private readonly groupSlabs = new SlabPool(GROUPS_IN_FLIGHT, MAX_GROUP_BYTES);
   private readingFlag: string;
 
   private constructor(
@@ -334,20 +340,21 @@ class TracefsReplicator {
     let consistent = false;
     let cutMs = 0;
     // Opened before the cut: opening probes the device, time that would widen the round.
-    const readers = await Promise.all(this.disks.map((d) => DiskReader.open(d.record.path, MAX_RUN_BLOCKS * d.record.blockBytes)));
+    const readers = await Promise.all(this.disks.map((d) => DiskReader.open(d.record.path, MAX_GROUP_BYTES)));
     try {
       for (let round = 1; !consistent && round <= MAX_ROUNDS; round++) {
         this.drain();
         this.cutMonotonic = monotonicSeconds();
         cutMs = Date.now();
-        const reads = await this.readRound(readers, totals);
+        const ship = async (i: number, runs: Runs) => {
+          changedBytes[i] += await this.ship(conn, begun.pointId, this.disks[i]!, runs, shippedHashes[i]!, force, totals);
+        };
+        const held = await this.readRound(readers, totals, ship);
         const at = this.consistentInstant();
         consistent = at !== null;
         if (at !== null) cutMs = Math.round(Date.now() - (monotonicSeconds() - at) * 1000);
         for (const d of this.disks) d.reading = null;
-        for (const [i, d] of this.disks.entries()) {
-          changedBytes[i] += await this.ship(conn, begun.pointId, d, reads[i]!, shippedHashes[i]!, force, totals);
-        }
+        for (const [i, runs] of held.entries()) await ship(i, runs);
         // Not clean: what was written since T (the blocks that moved included) is read at the next cut,
         // and if no round is clean, by the next point.
       }
@@ -418,40 +425,70 @@ class TracefsReplicator {
   /**
    * Reads the blocks known dirty at the cut while catching up with the kernel, then
    * the blocks written before the cut but learned only now, until none are left.
+   * Returns what it read; beyond ROUND_HOLD_BYTES it ships as it reads (in block
+   * order per disk, so a block read twice is staged newest last), which bounds
+   * memory after an outage left much to read.
    */
-  private async readRound(readers: DiskReader[], totals: Totals): Promise<Array<Array<{ first: number; data: Buffer }>>> {
-    const reads = this.disks.map(() => [] as Array<{ first: number; data: Buffer }>);
+  private async readRound(readers: DiskReader[], totals: Totals, ship: (disk: number, runs: Runs) => Promise<void>): Promise<Runs[]> {
+    const held = this.disks.map((): Runs => []);
+    let heldBytes = 0;
+    let shipping = Promise.resolve();
+    const keep = (disk: number, runs: Runs): Promise<void> => {
+      held[disk]!.push(...runs);
+      heldBytes += runs.reduce((sum, r) => sum + r.data.length, 0);
+      if (heldBytes <= ROUND_HOLD_BYTES) return Promise.resolve();
+      const taken = held.map((h) => h.splice(0));
+      heldBytes = 0;
+      shipping = shipping.then(async () => {
+        for (const [i, runs] of taken.entries()) if (runs.length > 0) await ship(i, runs);
+      });
+      return shipping;
+    };
     let toRead: Array<DirtyMap | null> = this.disks.map((d) => this.startRound(d));
     while (toRead.some((blocks) => blocks)) {
-      const [runs] = await Promise.all([
-        Promise.all(this.disks.map((d, i) => this.readBlocks(d, readers[i]!, toRead[i] ?? null, totals))),
+      await Promise.all([
+        ...this.disks.map((d, i) => this.readBlocks(d, readers[i]!, toRead[i] ?? null, totals, (runs) => keep(i, runs))),
         this.catchUp(),
       ]);
-      runs.forEach((r, i) => reads[i]!.push(...r));
       toRead = this.disks.map((d) => this.takeLate(d));
     }
-    return reads;
+    await shipping;
+    return held;
   }
 
-  /** Reads the blocks in runs, all at once (O_DIRECT for devices), noting when each read started and ended. */
-  private async readBlocks(d: Tracked, reader: DiskReader, blocks: DirtyMap | null, totals: Totals): Promise<Array<{ first: number; data: Buffer }>> {
-    if (!blocks) return [];
+  /**
+   * Reads the blocks in runs, a scratch buffer's worth at once (O_DIRECT for devices),
+   * noting when each read started and ended; hands each batch to `keep` and waits on it.
+   */
+  private async readBlocks(d: Tracked, reader: DiskReader, blocks: DirtyMap | null, totals: Totals, keep: (runs: Runs) => Promise<void>): Promise<void> {
+    if (!blocks) return;
     const { blockBytes, sizeBytes } = d.record;
-    const ranges = [...blocks.runs(MAX_RUN_BLOCKS)].map(([first, count]) => ({
-      first, position: first * blockBytes, length: Math.min(count * blockBytes, sizeBytes - first * blockBytes),
-    }));
-    const runs: Array<{ first: number; data: Buffer }> = [];
-    await reader.readMany(ranges, (i, data, startedAt, endedAt) => {
-      const { first } = ranges[i]!;
-      for (let b = first; b * blockBytes < first * blockBytes + data.length; b++) d.readSpan.set(b, [startedAt, endedAt]);
-      totals.bytesRead += data.length;
-      runs.push({ first, data });
-    }, monotonicSeconds);
-    return runs.sort((a, b) => a.first - b.first);
+    let batch: Array<{ first: number; position: number; length: number }> = [];
+    let batchLength = 0;
+    const readBatch = async () => {
+      const ranges = batch;
+      batch = [];
+      batchLength = 0;
+      const runs: Runs = [];
+      await reader.readMany(ranges, (i, data, startedAt, endedAt) => {
+        const { first } = ranges[i]!;
+        for (let b = first; b * blockBytes < first * blockBytes + data.length; b++) d.readSpan.set(b, [startedAt, endedAt]);
+        totals.bytesRead += data.length;
+        runs.push({ first, data });
+      }, monotonicSeconds);
+      await keep(runs.sort((a, b) => a.first - b.first));
+    };
+    for (const [first, count] of blocks.runs(runBlocks(blockBytes))) {
+      const length = Math.min(count * blockBytes, sizeBytes - first * blockBytes);
+      if (batchLength + length > MAX_GROUP_BYTES) await readBatch();
+      batch.push({ first, position: first * blockBytes, length });
+      batchLength += length;
+    }
+    if (batch.length > 0) await readBatch();
   }
 
   /** Ships the blocks read whose content differs from what the receiver has. */
-  private async ship(conn: ReceiverConnection, pointId: number, d: Tracked, runs: Array<{ first: number; data: Buffer }>, hashes: Map<number, bigint>, force: boolean, totals: Totals): Promise<number> {
+  private async ship(conn: ReceiverConnection, pointId: number, d: Tracked, runs: Runs, hashes: Map<number, bigint>, force: boolean, totals: Totals): Promise<number> {
     const { record } = d;
     const shipped = HashFile.open(this.opts.state.hashPath(record.diskId, 'shipped'));
     let changedBytes = 0;
@@ -485,16 +522,19 @@ class TracefsReplicator {
           sent();
         }
       };
-      const inFlight = new Set<Promise<void>>();
+      // A slab per group in flight: taking one waits while GROUPS_IN_FLIGHT are out, and fixed
+      // shared buffers are not left for the workers' garbage collectors to free.
       const settled: Array<Promise<void>> = [];
       let failed = false;
-      for (let group = takeGroup(runs, record.blockBytes); group && !failed; group = takeGroup(runs, record.blockBytes)) {
-        const shipping = shipGroup(group);
+      while (runs.length > 0) {
+        const slab = await this.groupSlabs.acquire();
+        if (failed) {
+          this.groupSlabs.release(slab);
+          break;
+        }
+        const shipping = shipGroup(takeGroup(runs, record.blockBytes, slab)).finally(() => this.groupSlabs.release(slab));
         shipping.catch(() => (failed = true));
         settled.push(shipping);
-        inFlight.add(shipping);
-        void shipping.finally(() => inFlight.delete(shipping)).catch(() => {});
-        if (inFlight.size >= GROUPS_IN_FLIGHT) await Promise.race([...inFlight]).catch(() => {});
       }
       const failure = (await Promise.allSettled(settled)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
       if (failure) throw failure.reason;
@@ -535,11 +575,11 @@ interface RunGroup {
 }
 
 /**
- * Takes runs off the front of `runs` into one group of at most MAX_GROUP_BYTES
- * (or one larger run); null when none are left. Only a group's last block may
- * be short (the disk's final block), so a run that ends short closes its group.
+ * Takes runs off the front of `runs` (at least one) into one group of at most
+ * MAX_GROUP_BYTES, copied into `slab`. Only a group's last block may be short
+ * (the disk's final block), so a run that ends short closes its group.
  */
-function takeGroup(runs: Array<{ first: number; data: Buffer }>, blockBytes: number): RunGroup | null {
+function takeGroup(runs: Runs, blockBytes: number, slab: Buffer): RunGroup {
   let count = 0;
   let bytes = 0;
   while (count < runs.length && (count === 0 || bytes + runs[count]!.data.length <= MAX_GROUP_BYTES)) {
@@ -547,9 +587,8 @@ function takeGroup(runs: Array<{ first: number; data: Buffer }>, blockBytes: num
     count++;
     if (runs[count - 1]!.data.length % blockBytes !== 0) break;
   }
-  if (count === 0) return null;
   const taken = runs.splice(0, count);
-  const data = BlockPool.sharedBuffer(bytes);
+  const data = slab.subarray(0, bytes);
   const blocks: number[] = [];
   let at = 0;
   for (const run of taken) {
@@ -570,4 +609,9 @@ function readFlag(path: string): boolean {
   } catch {
     return false;
   }
+}
+
+/** Blocks in the longest run read or grouped at once. */
+function runBlocks(blockBytes: number): number {
+  return Math.max(1, Math.floor(MAX_GROUP_BYTES / blockBytes));
 }

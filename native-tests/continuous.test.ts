@@ -15,9 +15,10 @@
 import { after, before, describe, it, type TestContext } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
+import { randomBytes } from 'node:crypto';
 import {
   closeSync, copyFileSync, existsSync, ftruncateSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync,
-  realpathSync, rmSync, rmdirSync, statSync, writeFileSync, writeSync,
+  fsyncSync, realpathSync, rmSync, rmdirSync, statSync, writeFileSync, writeSync,
 } from 'node:fs';
 import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -281,6 +282,30 @@ async function makeSourceDisk(lab: Lab, sizeMiB: number, partitioned = false): P
   return { image, loop, device, mnt };
 }
 
+/** Resident and peak resident bytes of a process (VmRSS, VmHWM). */
+function memoryOf(pid: number): { rss: number; peak: number } {
+  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
+  const kib = (field: string) => Number(new RegExp(`${field}:\\s+(\\d+) kB`).exec(status)?.[1] ?? NaN) * 1024;
+  return { rss: kib('VmRSS'), peak: kib('VmHWM') };
+}
+
+/** Resets a process's peak resident size to its current one (Linux ≥ 4.0) and returns that. */
+function resetPeakRss(pid: number): number {
+  writeFileSync(`/proc/${pid}/clear_refs`, '5');
+  return memoryOf(pid).peak;
+}
+
+/** Writes `bytes` of random data to a new file and fsyncs it. */
+function writeRandomFile(path: string, bytes: number): void {
+  const fd = openSync(path, 'w');
+  try {
+    for (let done = 0; done < bytes; done += 8 * MiB) writeSync(fd, randomBytes(Math.min(8 * MiB, bytes - done)));
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
 /** SHA-256 of a block device as the disk holds it (drop its page cache first). */
 async function sha256Device(device: string): Promise<string> {
   sh('blockdev', ['--flushbufs', device]);
@@ -362,6 +387,10 @@ class AgentRun {
       this.exitInfo = info;
       this.notify();
     });
+  }
+
+  get pid(): number {
+    return this.child.pid!;
   }
 
   get exited(): boolean {
@@ -795,6 +824,28 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
         await sleep(random() % 1000);
         await d.receiver.restart('SIGKILL');
       }
+      await finish(d, c, agent); // the newest point equals the device byte for byte
+    }, t);
+  });
+
+  it('a backlog far larger than a round may hold is shipped in bounded memory', { timeout: 240_000 }, async (t) => {
+    await inLab('backlog', async (lab) => {
+      const host = 'cont-backlog';
+      const backlogBytes = 512 * MiB;
+      const { disk, agent } = await startCase(t, lab, host, 768);
+      const workload = new Workload(lab, disk.mnt, 2);
+      const c: CaseContext = { t, lab, host, disk, workload };
+      await workload.finished();
+      await d.receiver.stop();
+      const rssBefore = resetPeakRss(agent.pid);
+      writeRandomFile(join(disk.mnt, 'backlog.bin'), backlogBytes);
+      await d.receiver.restart();
+      const upMs = Date.now();
+      const back = await agent.waitForPoint((p) => p.receivedMs > upMs, 150_000, 'point holding the backlog');
+      const growth = memoryOf(agent.pid).peak - rssBefore;
+      t.diagnostic(`point ${back.pointId} (${back.mode}) after a ${backlogBytes / MiB} MiB backlog: peak RSS ${(growth / MiB).toFixed(0)} MiB above the ${(rssBefore / MiB).toFixed(0)} MiB before it`);
+      assert.equal(back.mode, 'incremental', 'the backlog should ship as tracked changes, not a rescan');
+      assert.ok(growth < backlogBytes / 2, `the agent grew by ${(growth / MiB).toFixed(0)} MiB while shipping a ${backlogBytes / MiB} MiB backlog: it holds the backlog in memory`);
       await finish(d, c, agent); // the newest point equals the device byte for byte
     }, t);
   });
