@@ -3,7 +3,7 @@
 // with a direct call. Results are packed in a few typed arrays so a worker
 // hands them back by transfer rather than by a copy per block.
 import { xxh3 } from '@node-rs/xxhash';
-import { CHUNK_ID_BYTES, chunkId, sealChunk, type ChunkKeys } from '../shared/chunk-crypto.js';
+import { CHUNK_ID_BYTES, chunkId, sealChunkParts, type ChunkKeys } from '../shared/chunk-crypto.js';
 import { isZeroBlock } from '../shared/zero-block.js';
 
 export interface ScanResult {
@@ -60,23 +60,23 @@ export function scanBlocks(keys: Pick<ChunkKeys, 'idKey'>, data: Buffer, blockBy
 /** Seals the named blocks (indices within `data`) under their ids (32 bytes each, back to back). */
 export function sealBlocks(keys: ChunkKeys, data: Buffer, blockBytes: number, blocks: Uint32Array, ids: Uint8Array): SealResult {
   if (ids.length !== blocks.length * CHUNK_ID_BYTES) throw new RangeError(`seal of ${blocks.length} blocks got ${ids.length / CHUNK_ID_BYTES} ids`);
-  const envelopes: Buffer[] = [];
+  const parts: Buffer[][] = [];
   const lengths = new Uint32Array(blocks.length);
   let total = 0;
   blocks.forEach((index, n) => {
     if (index >= blockCountOf(data, blockBytes)) throw new RangeError(`block ${index} is outside the ${data.length}-byte range`);
     const id = Buffer.from(ids.buffer, ids.byteOffset + n * CHUNK_ID_BYTES, CHUNK_ID_BYTES);
-    const envelope = sealChunk(keys, id, blockOf(data, index, blockBytes));
-    envelopes.push(envelope);
-    lengths[n] = envelope.length;
-    total += envelope.length;
+    const envelope = sealChunkParts(keys, id, blockOf(data, index, blockBytes));
+    parts.push(envelope);
+    lengths[n] = envelope.reduce((sum, part) => sum + part.length, 0);
+    total += lengths[n]!;
   });
-  // One fresh buffer the worker can give away: small envelopes may live in Node's shared pool, which must not be transferred.
+  // One fresh buffer the worker can give away: small pieces may live in Node's shared pool, which must not be transferred.
   const packed = new Uint8Array(total);
   let at = 0;
-  for (const envelope of envelopes) {
-    packed.set(envelope, at);
-    at += envelope.length;
+  for (const part of parts.flat()) {
+    packed.set(part, at);
+    at += part.length;
   }
   return { envelopes: packed, lengths };
 }

@@ -26,7 +26,7 @@ import { reportStatus } from './status-report.js';
 const MAX_PASSES = 3;
 /** A cycle can lose a race with the receiver's garbage collection (SPEC §5.4); a few tries always win it. */
 const MAX_ATTEMPTS = 3;
-const READ_BATCH_BYTES = 8 * 1024 * 1024;
+const READ_BATCH_BYTES = 4 * 1024 * 1024;
 /** Batches read beyond one per worker: keeps the workers fed while a batch waits on the receiver; each costs a slab of memory. */
 const READ_AHEAD_BATCHES = 1;
 /** Hash of a block nobody has described yet: forces the block to be shipped. */

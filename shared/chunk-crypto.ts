@@ -47,6 +47,11 @@ function chunkKey(keys: Pick<ChunkKeys, 'encRoot'>, salt: Buffer): Buffer {
 }
 
 export function sealChunk(keys: ChunkKeys, id: Buffer, plaintext: Buffer): Buffer {
+  return Buffer.concat(sealChunkParts(keys, id, plaintext));
+}
+
+/** The envelope in pieces (header, ciphertext, tag), for a caller that packs many: saves a copy per chunk. */
+export function sealChunkParts(keys: ChunkKeys, id: Buffer, plaintext: Buffer): Buffer[] {
   const compressed = compressSync(plaintext);
   const useLz4 = compressed.length < plaintext.length;
   const body = useLz4 ? compressed : plaintext;
@@ -57,7 +62,7 @@ export function sealChunk(keys: ChunkKeys, id: Buffer, plaintext: Buffer): Buffe
   randomBytes(28).copy(header, 8); // salt 16 + nonce 12
   const cipher = createCipheriv('aes-256-gcm', chunkKey(keys, header.subarray(8, 24)), header.subarray(24, 36));
   cipher.setAAD(Buffer.concat([header, id]));
-  return Buffer.concat([header, cipher.update(body), cipher.final(), cipher.getAuthTag()]);
+  return [header, cipher.update(body), cipher.final(), cipher.getAuthTag()];
 }
 
 /** Decrypts and checks both the GCM tag and that the plaintext's MAC is the id asked for. */

@@ -10,6 +10,13 @@
 import { Worker, type Transferable } from 'node:worker_threads';
 import { TidemarkError } from './errors.js';
 
+/**
+ * Workers allocate little on their heaps but hand large buffers around; a small
+ * young generation is scavenged often, which frees those buffers promptly
+ * (the default let garbage grow the agent by tens of MiB per worker).
+ */
+const WORKER_YOUNG_GENERATION_MB = 2;
+
 interface Task {
   message: unknown;
   transfer: Transferable[];
@@ -64,7 +71,7 @@ export class WorkerPool {
   }
 
   private spawn(script: URL, workerData: unknown): Slot {
-    const slot: Slot = { worker: new Worker(script, { workerData }), task: null };
+    const slot: Slot = { worker: new Worker(script, { workerData, resourceLimits: { maxYoungGenerationSizeMb: WORKER_YOUNG_GENERATION_MB } }), task: null };
     slot.worker.on('message', (reply: WorkerReply) => {
       const task = slot.task;
       slot.task = null;
