@@ -277,6 +277,7 @@ export class Catalog {
 
   /** Asked for every chunk of every query and put: prepared once rather than per call. */
   private hasChunkStatement: Statement | null = null;
+  private chunkLocationStatement: Statement | null = null;
 
   hasChunk(vaultId: string, id: Buffer): boolean {
     this.hasChunkStatement ??= this.db.prepare(`SELECT 1 FROM chunk WHERE vault_id = ? AND id = ?`);
@@ -284,9 +285,10 @@ export class Catalog {
   }
 
   chunkLocation(vaultId: string, id: Buffer): ChunkLocation | undefined {
-    return this.db.prepare(`
+    this.chunkLocationStatement ??= this.db.prepare(`
       SELECT c.pack_id AS packId, p.file, c.offset, c.length FROM chunk c JOIN pack p ON p.id = c.pack_id
-      WHERE c.vault_id = ? AND c.id = ?`).get(vaultId, id) as ChunkLocation | undefined;
+      WHERE c.vault_id = ? AND c.id = ?`);
+    return this.chunkLocationStatement.get(vaultId, id) as ChunkLocation | undefined;
   }
 
   createPack(vaultId: string, file: string): number {

@@ -74,7 +74,9 @@ export function openChunk(keys: VaultKeys, id: Buffer, envelope: Buffer, maxPlai
   decipher.setAuthTag(envelope.subarray(envelope.length - CHUNK_TAG_BYTES));
   let body: Buffer;
   try {
-    body = Buffer.concat([decipher.update(envelope.subarray(CHUNK_HEADER_BYTES, envelope.length - CHUNK_TAG_BYTES)), decipher.final()]);
+    const opened = decipher.update(envelope.subarray(CHUNK_HEADER_BYTES, envelope.length - CHUNK_TAG_BYTES));
+    const rest = decipher.final(); // empty for GCM: no copy into a third buffer
+    body = rest.length === 0 ? opened : Buffer.concat([opened, rest]);
   } catch {
     throw new TidemarkError('E_INTEGRITY', `chunk ${id.toString('hex')} failed authentication (damaged, swapped or sealed with another key)`);
   }
