@@ -1,4 +1,5 @@
-// Reads a protected disk in large sequential pieces.
+// Reads a protected disk: in large sequential pieces (scans), or many scattered
+// runs at once (continuous mode's rounds).
 //
 // Block devices are read with O_DIRECT: a mounted filesystem writes through
 // bios that bypass the block device's page cache, so a buffered read of
@@ -55,9 +56,11 @@ export class DiskReader {
    */
   async readMany(ranges: ReadonlyArray<{ position: number; length: number }>, onRead: (index: number, data: Buffer, startedAt: number, endedAt: number) => void, now: () => number): Promise<void> {
     const capacity = this.aligned?.length ?? Infinity;
+    const tooLong = ranges.find((r) => r.length > capacity);
+    if (tooLong) throw new RangeError(`read of ${tooLong.length} bytes with a ${capacity}-byte scratch buffer`);
     for (let next = 0; next < ranges.length;) {
       const batch: Array<Promise<void>> = [];
-      for (let used = 0; next < ranges.length && (batch.length === 0 || used + ranges[next]!.length <= capacity); next++) {
+      for (let used = 0; next < ranges.length && used + ranges[next]!.length <= capacity; next++) {
         const { position, length } = ranges[next]!;
         const index = next;
         const landing = this.aligned?.subarray(used, used + length) ?? Buffer.allocUnsafe(length);
