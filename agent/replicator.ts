@@ -17,7 +17,7 @@ import { DirtyMap } from './dirty-map.js';
 import { describeDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
 import { reportStatus } from './status-report.js';
-import { openSession, registerDisk, shipBlocks, syncOnce, type ShipTurn, type SyncResult, type Totals } from './sync.js';
+import { openSession, registerDisk, shipBlocks, shipTurns, syncOnce, type SyncResult, type Totals } from './sync.js';
 import { TraceInstance, monotonicSeconds, tracefsUnavailableReason, type TraceTarget, type WriteKind } from './tracefs.js';
 
 const MAX_ROUNDS = 12;
@@ -472,7 +472,7 @@ class TracefsReplicator {
       const runs: Runs = [];
       await reader.readMany(ranges, (i, data, startedAt, endedAt) => {
         const { first } = ranges[i]!;
-        for (let b = first; b * blockBytes < first * blockBytes + data.length; b++) d.readSpan.set(b, [startedAt, endedAt]);
+        for (let i = 0; i < Math.ceil(data.length / blockBytes); i++) d.readSpan.set(first + i, [startedAt, endedAt]);
         totals.bytesRead += data.length;
         runs.push({ first, data });
       }, monotonicSeconds);
@@ -498,7 +498,7 @@ class TracefsReplicator {
       // each; two groups at a time (their uploads in order), so one hashes while the other
       // uploads. A group is packed only when its turn comes, and the runs it took are dropped
       // from `runs`, so a large dirty set is not held twice.
-      let previousSent: Promise<void> = Promise.resolve();
+      const nextTurn = shipTurns();
       const shipGroup = async (group: RunGroup): Promise<void> => {
         const known = new BigUint64Array(group.blocks.length);
         let at = 0;
@@ -508,9 +508,7 @@ class TracefsReplicator {
           at += count;
         }
         group.blocks.forEach((block, i) => (known[i] = hashes.get(block) ?? known[i]!));
-        let sent!: () => void;
-        const turn: ShipTurn = { after: previousSent, sent: () => sent() };
-        previousSent = new Promise<void>((resolve) => (sent = resolve));
+        const turn = nextTurn();
         try {
           const scanned = await this.opts.pool.scan(group.data, record.blockBytes, force ? null : known);
           scanned.hashes.forEach((hash, i) => hashes.set(group.blocks[i]!, hash));
@@ -519,7 +517,7 @@ class TracefsReplicator {
             changedBytes += bytes; // after the await: groups finish in any order
           }
         } finally {
-          sent();
+          turn.sent();
         }
       };
       // A slab per group in flight: taking one waits while GROUPS_IN_FLIGHT are out, and fixed

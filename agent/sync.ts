@@ -253,7 +253,7 @@ async function scanDisk(
   try {
     reader = await DiskReader.open(record.path, batchBlocks * record.blockBytes);
     let previous: Promise<void> = Promise.resolve();
-    let previousSent: Promise<void> = Promise.resolve();
+    const nextTurn = shipTurns();
     for (let first = startBlock; first < target.blockCount && !failed; first += batchBlocks) {
       const slab = await slabs.acquire();
       if (failed) {
@@ -271,9 +271,7 @@ async function scanDisk(
       const batchFirst = first;
       const known = hashes.read(batchFirst, blockCountOf(data, record.blockBytes));
       const before = previous;
-      let sent!: () => void;
-      const turn: ShipTurn = { after: previousSent, sent: () => sent() };
-      previousSent = new Promise<void>((resolve) => (sent = resolve));
+      const turn = nextTurn();
       const batch = (async () => {
         try {
           const scanned = await pool.scan(data, record.blockBytes, known);
@@ -281,14 +279,14 @@ async function scanDisk(
             const changedBytes = await shipBlocks(conn, pool, pointId, record, (i) => batchFirst + i, data, scanned, totals, turn);
             target.changedBytes += changedBytes;
           }
-          sent(); // nothing (more) to upload: the next batch may send while this one waits its turn below
+          turn.sent(); // nothing (more) to upload: the next batch may send while this one waits its turn below
           await before;
           hashes.write(batchFirst, scanned.hashes);
           hashes.sync();
           opts.state.setWatermark(record.path, batchFirst + scanned.hashes.length);
           onBatchDone(data.length);
         } finally {
-          sent(); // also when nothing changed or the batch failed: the next batch must not wait forever
+          turn.sent(); // also when nothing changed or the batch failed: the next batch must not wait forever
           slabs.release(slab);
         }
       })();
@@ -311,8 +309,19 @@ async function scanDisk(
 export interface ShipTurn {
   /** Resolves when the previous batch has sent (not necessarily had acknowledged) its `blocks.put`. */
   after: Promise<void>;
-  /** Called once this batch's `blocks.put` is sent, or it gave up. */
+  /** Called once this batch's `blocks.put` is sent, or it gave up (more calls do nothing). */
   sent: () => void;
+}
+
+/** Hands out turns in the order asked for: each one's `after` waits for the previous one's `sent`. */
+export function shipTurns(): () => ShipTurn {
+  let previousSent: Promise<void> = Promise.resolve();
+  return () => {
+    let sent!: () => void;
+    const turn: ShipTurn = { after: previousSent, sent: () => sent() };
+    previousSent = new Promise<void>((resolve) => (sent = resolve));
+    return turn;
+  };
 }
 
 /**

@@ -24,6 +24,7 @@ import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import Database from 'better-sqlite3';
+import { readPeakRssBytes } from '../bench/proc-watch.js';
 import { Deployment, runJson, spawnCli, tempDir } from '../test/harness.js';
 import { makePrng, sha256File } from '../test/fixtures.js';
 import { RECORD_BYTES, parseLog, parseRecord } from './workload.js';
@@ -282,17 +283,10 @@ async function makeSourceDisk(lab: Lab, sizeMiB: number, partitioned = false): P
   return { image, loop, device, mnt };
 }
 
-/** Resident and peak resident bytes of a process (VmRSS, VmHWM). */
-function memoryOf(pid: number): { rss: number; peak: number } {
-  const status = readFileSync(`/proc/${pid}/status`, 'utf8');
-  const kib = (field: string) => Number(new RegExp(`${field}:\\s+(\\d+) kB`).exec(status)?.[1] ?? NaN) * 1024;
-  return { rss: kib('VmRSS'), peak: kib('VmHWM') };
-}
-
 /** Resets a process's peak resident size to its current one (Linux ≥ 4.0) and returns that. */
 function resetPeakRss(pid: number): number {
   writeFileSync(`/proc/${pid}/clear_refs`, '5');
-  return memoryOf(pid).peak;
+  return readPeakRssBytes(pid)!;
 }
 
 /** Writes `bytes` of random data to a new file and fsyncs it. */
@@ -842,7 +836,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
       await d.receiver.restart();
       const upMs = Date.now();
       const back = await agent.waitForPoint((p) => p.receivedMs > upMs, 150_000, 'point holding the backlog');
-      const growth = memoryOf(agent.pid).peak - rssBefore;
+      const growth = readPeakRssBytes(agent.pid)! - rssBefore;
       t.diagnostic(`point ${back.pointId} (${back.mode}) after a ${backlogBytes / MiB} MiB backlog: peak RSS ${(growth / MiB).toFixed(0)} MiB above the ${(rssBefore / MiB).toFixed(0)} MiB before it`);
       assert.equal(back.mode, 'incremental', 'the backlog should ship as tracked changes, not a rescan');
       assert.ok(growth < backlogBytes / 2, `the agent grew by ${(growth / MiB).toFixed(0)} MiB while shipping a ${backlogBytes / MiB} MiB backlog: it holds the backlog in memory`);

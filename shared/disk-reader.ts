@@ -50,29 +50,21 @@ export class DiskReader {
   }
 
   /**
-   * Reads several ranges at once (each into a buffer of its own), as many at a
-   * time as fit the scratch buffer; `onRead` learns when each read began and
-   * ended. Concurrent reads keep a round of scattered blocks short.
+   * Reads several ranges at once, each into a buffer of its own; together they
+   * must fit the scratch buffer. `onRead` learns when each read began and ended.
+   * Concurrent reads keep a round of scattered blocks short.
    */
   async readMany(ranges: ReadonlyArray<{ position: number; length: number }>, onRead: (index: number, data: Buffer, startedAt: number, endedAt: number) => void, now: () => number): Promise<void> {
-    const capacity = this.aligned?.length ?? Infinity;
-    const tooLong = ranges.find((r) => r.length > capacity);
-    if (tooLong) throw new RangeError(`read of ${tooLong.length} bytes with a ${capacity}-byte scratch buffer`);
-    for (let next = 0; next < ranges.length;) {
-      const batch: Array<Promise<void>> = [];
-      for (let used = 0; next < ranges.length && used + ranges[next]!.length <= capacity; next++) {
-        const { position, length } = ranges[next]!;
-        const index = next;
-        const landing = this.aligned?.subarray(used, used + length) ?? Buffer.allocUnsafe(length);
-        used += length;
-        batch.push((async () => {
-          const startedAt = now();
-          await this.fill(landing, position);
-          onRead(index, this.aligned ? Buffer.from(landing) : landing, startedAt, now());
-        })());
-      }
-      await Promise.all(batch);
-    }
+    const total = ranges.reduce((sum, r) => sum + r.length, 0);
+    if (this.aligned && total > this.aligned.length) throw new RangeError(`reads of ${total} bytes at once with a ${this.aligned.length}-byte scratch buffer`);
+    let used = 0;
+    await Promise.all(ranges.map(async ({ position, length }, index) => {
+      const landing = this.aligned?.subarray(used, used + length) ?? Buffer.allocUnsafe(length);
+      used += length;
+      const startedAt = now();
+      await this.fill(landing, position);
+      onRead(index, this.aligned ? Buffer.from(landing) : landing, startedAt, now());
+    }));
   }
 
   private async fill(landing: Buffer, position: number): Promise<void> {
