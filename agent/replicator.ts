@@ -28,6 +28,8 @@ const MAX_GROUP_BYTES = 4 * 1024 * 1024;
 /** Groups being hashed, sealed or uploaded at once. */
 const GROUPS_IN_FLIGHT = 2;
 const BACKGROUND_DRAIN_MS = 50;
+/** trace_pipe prints event times in microseconds. */
+const EVENT_TIME_RESOLUTION = 1e-6;
 
 export interface ReplicatorOptions {
   state: AgentState;
@@ -392,9 +394,10 @@ class TracefsReplicator {
       for (const e of d.eventsAfterCut) {
         for (let b = e.first; b <= e.last; b++) {
           const span = d.readSpan.get(b);
+          // Event times are printed in whole microseconds, rounded down: take each as the latest it may be.
           if (e.kind === 'queue') {
-            if (span && e.at <= span[1]) lo = Math.max(lo, e.at);
-          } else if (!span || e.at >= span[0]) {
+            if (span && e.at <= span[1]) lo = Math.max(lo, e.at + EVENT_TIME_RESOLUTION);
+          } else if (!span || e.at + EVENT_TIME_RESOLUTION > span[0]) {
             hi = Math.min(hi, e.at);
           }
         }
@@ -423,7 +426,7 @@ class TracefsReplicator {
   }
 
   /**
-   * Reads the blocks known dirty at the cut while catching up with the kernel, then
+   * Reads the blocks known dirty at the cut, then catches up with the kernel and reads
    * the blocks written before the cut but learned only now, until none are left.
    * Returns what it read; beyond ROUND_HOLD_BYTES it ships as it reads (in block
    * order per disk, so a block read twice is staged newest last), which bounds
@@ -446,10 +449,9 @@ class TracefsReplicator {
     };
     let toRead: Array<DirtyMap | null> = this.disks.map((d) => this.startRound(d));
     while (toRead.some((blocks) => blocks)) {
-      await Promise.all([
-        ...this.disks.map((d, i) => this.readBlocks(d, readers[i]!, toRead[i] ?? null, totals, (runs) => keep(i, runs))),
-        this.catchUp(),
-      ]);
+      await Promise.all(this.disks.map((d, i) => this.readBlocks(d, readers[i]!, toRead[i] ?? null, totals, (runs) => keep(i, runs))));
+      // After the reads, not during them: the instant search needs every write issued before the last read ended.
+      await this.catchUp();
       toRead = this.disks.map((d) => this.takeLate(d));
     }
     await shipping;

@@ -18,7 +18,7 @@ import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import {
   closeSync, copyFileSync, existsSync, ftruncateSync, mkdirSync, mkdtempSync, openSync, readFileSync, readdirSync,
-  fsyncSync, realpathSync, rmSync, rmdirSync, statSync, writeFileSync, writeSync,
+  fsyncSync, realpathSync, rmSync, rmdirSync, statSync, truncateSync, writeFileSync, writeSync,
 } from 'node:fs';
 import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
@@ -27,13 +27,17 @@ import Database from 'better-sqlite3';
 import { readPeakRssBytes } from '../bench/proc-watch.js';
 import { Deployment, runJson, spawnCli, tempDir } from '../test/harness.js';
 import { makePrng, sha256File } from '../test/fixtures.js';
-import { RECORD_BYTES, parseLog, parseRecord } from './workload.js';
+import { RECORD_BYTES, chainGap, chainSlots, parseLog, parseRecord } from './workload.js';
 
 const MiB = 1024 * 1024;
 const TRACING = '/sys/kernel/tracing';
 const WORKLOAD = fileURLToPath(new URL('./workload.js', import.meta.url));
 const INTERVAL = '1s';
 const MODES = ['initial', 'incremental', 'resync'];
+/** The ordered-write case: slots two 64 KiB blocks apart, so each is a run of its own. */
+const CHAIN_DISK_MIB = 64;
+const CHAIN_SLOTS = 256;
+const CHAIN_STRIDE = 128 * 1024;
 
 // ---------------------------------------------------------------- skip
 
@@ -449,10 +453,12 @@ class Workload {
   readonly done: Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }>;
   private readonly child: ChildProcess;
 
-  constructor(lab: Lab, mnt: string, seconds: number, extra: string[] = [], name = 'workload') {
+  /** `dir`: a mounted filesystem to load; `device`: a block device for `--mode chain`. */
+  constructor(lab: Lab, target: { dir: string } | { device: string }, seconds: number, extra: string[] = [], name = 'workload') {
     this.log = join(lab.dir, `${name}.log`);
     this.dbLog = join(lab.dir, `${name}.db.log`);
-    this.child = spawn(process.execPath, [WORKLOAD, '--dir', mnt, '--log', this.log, '--db-log', this.dbLog, '--seconds', String(seconds), ...extra], {
+    const where = 'dir' in target ? ['--dir', target.dir] : ['--device', target.device];
+    this.child = spawn(process.execPath, [WORKLOAD, ...where, '--log', this.log, '--db-log', this.dbLog, '--seconds', String(seconds), ...extra], {
       stdio: ['ignore', 'pipe', 'pipe'],
     });
     lab.track(this.child, name);
@@ -702,7 +708,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
     await inLab('loop', async (lab) => {
       const host = 'cont-loop';
       const { disk, stateDir, agent } = await startCase(t, lab, host, 128);
-      const workload = new Workload(lab, disk.mnt, 16);
+      const workload = new Workload(lab, { dir: disk.mnt }, 16);
       const c: CaseContext = { t, lab, host, disk, workload };
       await agent.waitForPoint((p) => Date.parse(p.time) > workload.startedMs + 5000, 20_000, 'point 5 s into the load');
       const status = await agentStatus(stateDir);
@@ -723,7 +729,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
     await inLab('part', async (lab) => {
       const host = 'cont-part';
       const { disk, agent } = await startCase(t, lab, host, 96, true);
-      const workload = new Workload(lab, disk.mnt, 10);
+      const workload = new Workload(lab, { dir: disk.mnt }, 10);
       const c: CaseContext = { t, lab, host, disk, workload };
       await finish(d, c, agent);
       const points = loadPoints(agent, workload, workload.startedMs, 4, t);
@@ -732,11 +738,48 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
     }, t);
   });
 
+  it('ordered writes straight to the device: every crash-consistent point holds a prefix of them', { timeout: 150_000 }, async (t) => {
+    await inLab('chain', async (lab) => {
+      const host = 'cont-chain';
+      const image = join(lab.dir, 'source.img');
+      writeFileSync(image, '');
+      truncateSync(image, CHAIN_DISK_MIB * MiB);
+      const device = lab.attach(image);
+      const agent = new AgentRun(lab, await d.enroll(host), [device], 1);
+      await agent.waitForPoint(() => true, 60_000, 'initial point');
+      const workload = new Workload(lab, { device }, 15, ['--mode', 'chain', '--slots', String(CHAIN_SLOTS), '--stride', String(CHAIN_STRIDE)]);
+      await workload.finished();
+      const loadEndMs = Date.now();
+      await agent.waitForPoint((p) => Date.parse(p.time) > loadEndMs, 20_000, 'point cut after the load');
+      assert.deepEqual(await agent.stop('SIGTERM'), { code: 0, signal: null }, `agent after SIGTERM; stderr:\n${agent.stderrTail()}`);
+      const during = agent.points.filter((p) => p.mode === 'incremental' && Date.parse(p.time) > workload.startedMs && Date.parse(p.time) < loadEndMs);
+      const consistent = during.filter((p) => p.crashConsistent);
+      t.diagnostic(`${during.length} points cut under load, ${consistent.length} crash-consistent: ${agent.describePoints()}`);
+      // Every one of them: a round wrongly called clean shows up as a hole in the chain.
+      let previous = -1;
+      const newest = agent.points.at(-1)!;
+      for (const p of [...consistent, newest]) {
+        const restored = join(lab.dir, `restored-${p.pointId}.img`);
+        await d.restore(host, device, p.pointId, restored);
+        const held = chainSlots(readFileSync(restored), CHAIN_SLOTS, CHAIN_STRIDE);
+        if (p === newest) assert.equal(await sha256File(restored), await sha256Device(device), `point ${p.pointId} differs from ${device}`);
+        rmSync(restored);
+        const gap = chainGap(held);
+        assert.equal(gap, null, `point ${p.pointId} (cut ${p.time}) is flagged crash-consistent but is not a state the device was in: ${gap}`);
+        const m = Math.max(-1, ...held.map((k) => k ?? -1));
+        assert.ok(m >= previous, `point ${p.pointId} holds writes up to ${m}, an earlier point up to ${previous}`);
+        previous = m;
+      }
+      assert.ok(consistent.length >= 5, `need at least 5 crash-consistent points under load, got ${consistent.length}`);
+      t.diagnostic(`checked ${consistent.length + 1} points; the newest holds writes 0..${previous}`);
+    }, t);
+  });
+
   it('SIGKILL and restart of the agent mid-load: the next points are still correct', { timeout: 150_000 }, async (t) => {
     await inLab('kill', async (lab) => {
       const host = 'cont-kill';
       const { disk, stateDir, agent: first } = await startCase(t, lab, host, 64);
-      const workload = new Workload(lab, disk.mnt, 16);
+      const workload = new Workload(lab, { dir: disk.mnt }, 16);
       const c: CaseContext = { t, lab, host, disk, workload };
       const third = await first.waitForPoint((p) => Date.parse(p.time) > workload.startedMs + 3000, 20_000, 'point 3 s into the load');
       const instance = first.instancePath;
@@ -772,14 +815,14 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
     await inLab('overrun', async (lab) => {
       const host = 'cont-overrun';
       const { disk, stateDir, agent } = await startCase(t, lab, host, 64);
-      const workload = new Workload(lab, disk.mnt, 18);
+      const workload = new Workload(lab, { dir: disk.mnt }, 18);
       const c: CaseContext = { t, lab, host, disk, workload };
       await agent.waitForPoint((p) => Date.parse(p.time) > workload.startedMs + 1500, 20_000, 'point under load');
       const instance = agent.instancePath;
       assert.ok(instance && existsSync(join(instance, 'buffer_size_kb')), `cannot find the agent's tracefs instance (${instance ?? 'none new under instances/'})`);
       const sizeFile = join(instance, 'buffer_size_kb');
       const originalKb = /^\d+/.exec(readFileSync(sizeFile, 'utf8').trim())?.[0] ?? '1408';
-      const heavy = new Workload(lab, disk.mnt, 8, ['--mode', 'bulk', '--bulk-mib', '8'], 'bulk');
+      const heavy = new Workload(lab, { dir: disk.mnt }, 8, ['--mode', 'bulk', '--bulk-mib', '8'], 'bulk');
       await sleep(300);
       const shrunkMs = Date.now();
       writeFileSync(sizeFile, '1\n');
@@ -813,7 +856,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
     await inLab('kills', async (lab) => {
       const host = 'cont-kills';
       const { disk, agent } = await startCase(t, lab, host, 64);
-      const workload = new Workload(lab, disk.mnt, 43, ['--rate', '150']);
+      const workload = new Workload(lab, { dir: disk.mnt }, 43, ['--rate', '150']);
       const c: CaseContext = { t, lab, host, disk, workload };
       const random = makePrng(4343);
       for (let kill = 0; kill < 8; kill++) {
@@ -832,7 +875,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
       const host = 'cont-backlog';
       const backlogBytes = 512 * MiB;
       const { disk, agent } = await startCase(t, lab, host, 768);
-      const workload = new Workload(lab, disk.mnt, 2);
+      const workload = new Workload(lab, { dir: disk.mnt }, 2);
       const c: CaseContext = { t, lab, host, disk, workload };
       await workload.finished();
       await d.receiver.stop();
@@ -853,7 +896,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
     await inLab('outage', async (lab) => {
       const host = 'cont-outage';
       const { disk, stateDir, agent } = await startCase(t, lab, host, 96);
-      const workload = new Workload(lab, disk.mnt, 42, ['--rate', '150']);
+      const workload = new Workload(lab, { dir: disk.mnt }, 42, ['--rate', '150']);
       const c: CaseContext = { t, lab, host, disk, workload };
       await agent.waitForPoint((p) => Date.parse(p.time) > workload.startedMs + 2000, 20_000, 'point under load');
       await d.receiver.stop();

@@ -15,11 +15,17 @@
 //     records (default 32); stops by itself after --seconds, or at SIGTERM/SIGINT.
 // mode bulk: many small random rewrites of DIR/bulk.dat (--bulk-mib, default 8) with a
 //   fdatasync after each --bulk-writes (default 64) 4 KiB writes: a flood of block events.
+// mode chain (--device DEV instead of --dir): ordered writes straight to a block device,
+//   write k (O_DSYNC, so it completes before k+1 is issued) to slot chainSlotOf(k) of
+//   --slots (default 64, a power of two), slots --stride bytes apart (default 128 KiB); in
+//   bursts of 0-40 ms with pauses of 0-40 ms. Each lap of --slots writes hits every slot
+//   once, in a scrambled order (a reader sweeping the slots in order cannot keep pace with
+//   it). Any crash-consistent image holds a prefix of the chain (see chainGap).
 //
 // Record layout (RECORD_BYTES): "TMREC001" | u64le number | u64le wall ms at write |
 // payload derived from the number | sha256 of everything before it (last 32 bytes).
 // On exit it prints one JSON line: {"event":"workload-done","records":N,"transactions":M,...}.
-import { closeSync, fdatasyncSync, fsyncSync, ftruncateSync, openSync, writeSync } from 'node:fs';
+import { closeSync, constants, fdatasyncSync, fsyncSync, ftruncateSync, openSync, writeSync } from 'node:fs';
 import { createHash } from 'node:crypto';
 import { setPriority } from 'node:os';
 import { join } from 'node:path';
@@ -58,6 +64,47 @@ export function parseRecord(slot: Buffer): number | undefined {
   return Number(slot.readBigUInt64LE(8));
 }
 
+export const CHAIN_MAGIC = Buffer.from('TMCHAIN1', 'latin1');
+const CHAIN_SLOT_BYTES = 4096;
+
+/** Chain write k: magic | u64le k | sha256 of both. */
+function makeChainSlot(k: number): Buffer {
+  const slot = Buffer.alloc(CHAIN_SLOT_BYTES);
+  CHAIN_MAGIC.copy(slot, 0);
+  slot.writeBigUInt64LE(BigInt(k), 8);
+  createHash('sha256').update(slot.subarray(0, 16)).digest().copy(slot, 16);
+  return slot;
+}
+
+/** The chain write each slot of an image holds (undefined: never written), from the slots' bytes. */
+export function chainSlots(image: Buffer, slots: number, stride: number): Array<number | undefined> {
+  return Array.from({ length: slots }, (_, b) => {
+    const slot = image.subarray(b * stride, b * stride + CHAIN_SLOT_BYTES);
+    if (!slot.subarray(0, 8).equals(CHAIN_MAGIC)) return undefined;
+    const digest = createHash('sha256').update(slot.subarray(0, 16)).digest();
+    return digest.equals(slot.subarray(16, 48)) ? Number(slot.readBigUInt64LE(8)) : undefined;
+  });
+}
+
+/** The slot chain write k goes to: an odd multiplier permutes each lap of `slots` (a power of two). */
+export function chainSlotOf(k: number, slots: number): number {
+  return ((k % slots) * 167) % slots;
+}
+
+/**
+ * Why the slots are not a prefix of the chain (writes 0..m for some m), or null when they
+ * are: then each slot holds the newest write k ≤ m that went to it.
+ */
+export function chainGap(held: Array<number | undefined>): string | null {
+  const m = Math.max(-1, ...held.map((k) => k ?? -1));
+  const expected: Array<number | undefined> = held.map(() => undefined);
+  for (let k = Math.max(0, m - held.length + 1); k <= m; k++) expected[chainSlotOf(k, held.length)] = k;
+  for (const [b, k] of held.entries()) {
+    if (k !== expected[b]) return `slot ${b} holds write ${k ?? 'none'}, but the newest write present is ${m}, so it must hold ${expected[b] ?? 'none'}`;
+  }
+  return null;
+}
+
 /** Lines "N MS" of a workload log → ms indexed by N (sparse if lines are missing). */
 export function parseLog(text: string): number[] {
   const times: number[] = [];
@@ -81,10 +128,12 @@ async function main(): Promise<void> {
       dir: { type: 'string' }, log: { type: 'string' }, seconds: { type: 'string' }, 'db-log': { type: 'string' },
       rate: { type: 'string' }, 'max-mib': { type: 'string' }, 'tx-every': { type: 'string' }, mode: { type: 'string' },
       'bulk-mib': { type: 'string' }, 'bulk-writes': { type: 'string' }, nice: { type: 'string' },
+      device: { type: 'string' }, slots: { type: 'string' }, stride: { type: 'string' },
     },
   });
-  if (!values.dir || !values.seconds || (values.mode !== 'bulk' && !values.log)) {
-    throw new Error('usage: workload --dir MOUNTPOINT --log LOGFILE --seconds N [--mode normal|bulk] [...]');
+  const chain = values.mode === 'chain';
+  if (!values.seconds || (chain ? !values.device : !values.dir || (values.mode !== 'bulk' && !values.log))) {
+    throw new Error('usage: workload (--dir MOUNTPOINT --log LOGFILE [--mode normal|bulk] | --device DEV --mode chain) --seconds N [...]');
   }
   const seconds = numberOption(values.seconds, 'seconds', 0);
   const nice = numberOption(values.nice, 'nice', 5);
@@ -100,11 +149,30 @@ async function main(): Promise<void> {
   const deadline = Date.now() + seconds * 1000;
   const running = () => !stopping && Date.now() < deadline;
 
+  if (chain) {
+    const slots = numberOption(values.slots, 'slots', 64);
+    if (!Number.isInteger(Math.log2(slots))) throw new Error(`--slots must be a power of two (got ${slots})`);
+    const stride = numberOption(values.stride, 'stride', 128 * 1024);
+    const fd = openSync(values.device!, constants.O_WRONLY | constants.O_DSYNC);
+    let writes = 0;
+    while (running()) {
+      const burstEnd = Date.now() + Math.random() * 40;
+      while (Date.now() < burstEnd) {
+        writeSync(fd, makeChainSlot(writes), 0, CHAIN_SLOT_BYTES, chainSlotOf(writes, slots) * stride);
+        writes++;
+      }
+      await sleep(Math.random() * 40);
+    }
+    closeSync(fd);
+    process.stdout.write(JSON.stringify({ event: 'workload-done', mode: 'chain', writes }) + '\n');
+    return;
+  }
+
   if (values.mode === 'bulk') {
     const mib = numberOption(values['bulk-mib'], 'bulk-mib', 8);
     const writesPerSync = Math.max(1, Math.floor(numberOption(values['bulk-writes'], 'bulk-writes', 64)));
     const blocks = Math.max(1, Math.floor((mib * 1024 * 1024) / 4096));
-    const fd = openSync(join(values.dir, 'bulk.dat'), 'w');
+    const fd = openSync(join(values.dir!, 'bulk.dat'), 'w');
     ftruncateSync(fd, blocks * 4096);
     const buf = Buffer.alloc(4096);
     let writes = 0;
@@ -133,8 +201,8 @@ async function main(): Promise<void> {
   const txEvery = Math.max(1, Math.floor(numberOption(values['tx-every'], 'tx-every', 5)));
   const logFd = openSync(values.log!, 'a');
   const dbLogFd = openSync(values['db-log'] ?? `${values.log}.db`, 'a');
-  const recordsFd = openSync(join(values.dir, 'records.dat'), 'a');
-  const db = new Database(join(values.dir, 'db.sqlite'));
+  const recordsFd = openSync(join(values.dir!, 'records.dat'), 'a');
+  const db = new Database(join(values.dir!, 'db.sqlite'));
   db.pragma('journal_mode = WAL');
   db.pragma('synchronous = FULL');
   db.exec(`CREATE TABLE IF NOT EXISTS counter (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL);
