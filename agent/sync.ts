@@ -361,12 +361,17 @@ export async function shipBlocks(
     }
     await turn?.after;
     const replies: Array<Promise<unknown>> = [];
+    let refused: { error: unknown } | undefined;
     for (const { id, envelope } of uploads) {
+      if (refused) throw refused.error; // e.g. the receiver's disk is full: stop uploading
       const { reply } = await conn.send('chunk.put', { id, data: envelope });
-      replies.push(reply.then(() => {
+      const stored = reply.then(() => {
         totals.chunksUploaded++;
         totals.bytesUploaded += envelope.length;
-      }));
+      });
+      // Handled at once: a refusal that arrives while a later send waits for room must not go unhandled.
+      stored.catch((error: unknown) => (refused ??= { error }));
+      replies.push(stored);
     }
     // Sent right behind the chunks, without waiting for their acks: the receiver stages it once
     // every chunk sent before it is stored. Staging is in turn too: a block read twice

@@ -108,7 +108,8 @@ describe('receiver disk full', { skip }, () => {
     const imageSha = await sha256File(disk);
     const logBefore = dep.receiver.log.length;
 
-    agent = spawnCli('agent', ['run', '--interval', '1s', '--json', '--state', state, '--disk', disk]);
+    // A bandwidth limit keeps the agent waiting to send while the receiver already refuses chunks.
+    agent = spawnCli('agent', ['run', '--interval', '1s', '--json', '--bwlimit', '8M', '--state', state, '--disk', disk]);
     const points: any[] = [];
     let stdout = '';
     agent.stdout!.on('data', (chunk: Buffer) => {
@@ -122,6 +123,7 @@ describe('receiver disk full', { skip }, () => {
 
     // 1. Replication pauses with a clear error naming the receiver's full disk.
     const status = await waitFor('agent status Error', 60_000, async () => {
+      assert.equal(agent!.exitCode, null, `the agent exited: ${agentStderr}`);
       const s = await runJson('agent', ['status', '--state', state]);
       return s.state === 'Error' ? s : undefined;
     });
