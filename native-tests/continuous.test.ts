@@ -5,9 +5,11 @@
 // Points spread over each run are restored, attached, mounted (the journal replays) and
 // checked: every record fsynced before the cut is present, the records form a gap-free
 // prefix, nothing written after the cut is in, SQLite's integrity_check is ok, e2fsck -fn
-// is clean. Then: SIGKILL + restart of the agent, a forced trace-buffer overrun, a 30 s
-// receiver outage. After the load stops (and the source is unmounted), the newest point
-// equals the device byte for byte.
+// is clean. A chain of ordered writes straight to a raw device checks every crash-consistent
+// point, not a sample. Then: SIGKILL + restart of the agent, a forced trace-buffer overrun,
+// receiver kills and a 30 s receiver outage, a backlog larger than a round may hold. After
+// the load stops (and the source is unmounted), the newest point equals the device byte
+// for byte.
 //
 // Needs root, tracefs with block tracepoints, losetup/mount/blockdev (util-linux, mount),
 // mkfs.ext4/e2fsck (e2fsprogs), partx (util-linux) or sfdisk (fdisk) for the partition

@@ -19,8 +19,9 @@
 //   write k (O_DSYNC, so it completes before k+1 is issued) to slot chainSlotOf(k) of
 //   --slots (default 64, a power of two), slots --stride bytes apart (default 128 KiB); in
 //   bursts of 0-40 ms with pauses of 0-40 ms. Each lap of --slots writes hits every slot
-//   once, in a scrambled order (a reader sweeping the slots in order cannot keep pace with
-//   it). Any crash-consistent image holds a prefix of the chain (see chainGap).
+//   once, in a scrambled order, so a reader sweeping the slots in order can pick up a
+//   write and miss an earlier one. Any crash-consistent image holds a prefix of the chain
+//   (see chainGap).
 //
 // Record layout (RECORD_BYTES): "TMREC001" | u64le number | u64le wall ms at write |
 // payload derived from the number | sha256 of everything before it (last 32 bytes).
@@ -64,7 +65,7 @@ export function parseRecord(slot: Buffer): number | undefined {
   return Number(slot.readBigUInt64LE(8));
 }
 
-export const CHAIN_MAGIC = Buffer.from('TMCHAIN1', 'latin1');
+const CHAIN_MAGIC = Buffer.from('TMCHAIN1', 'latin1');
 const CHAIN_SLOT_BYTES = 4096;
 
 /** Chain write k: magic | u64le k | sha256 of both. */
