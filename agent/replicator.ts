@@ -22,7 +22,7 @@ import { TraceInstance, monotonicSeconds, tracefsUnavailableReason, type TraceTa
 
 const MAX_ROUNDS = 12;
 /** What a round may hold in memory before its consistency is known; beyond it, it ships as it reads. */
-const ROUND_HOLD_BYTES = 32 * 1024 * 1024;
+const ROUND_HOLD_BYTES = 16 * 1024 * 1024;
 /** Bytes of dirty runs read at once, and scanned and uploaded together; the longest run. */
 const MAX_GROUP_BYTES = 4 * 1024 * 1024;
 /** Groups being hashed, sealed or uploaded at once. */
