@@ -12,6 +12,7 @@ import { DiskReader } from '../shared/disk-reader.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { BlockPool } from './block-pool.js';
+import { blockCountOf } from './block-work.js';
 import { SlabPool } from './slab-pool.js';
 import { DirtyMap } from './dirty-map.js';
 import { describeDisk } from './disks.js';
@@ -474,7 +475,7 @@ class TracefsReplicator {
       const runs: Runs = [];
       await reader.readMany(ranges, (i, data, startedAt, endedAt) => {
         const { first } = ranges[i]!;
-        for (let i = 0; i < Math.ceil(data.length / blockBytes); i++) d.readSpan.set(first + i, [startedAt, endedAt]);
+        for (let n = 0; n < blockCountOf(data, blockBytes); n++) d.readSpan.set(first + n, [startedAt, endedAt]);
         totals.bytesRead += data.length;
         runs.push({ first, data });
       }, monotonicSeconds);

@@ -29,7 +29,7 @@ import Database from 'better-sqlite3';
 import { readPeakRssBytes } from '../bench/proc-watch.js';
 import { Deployment, runJson, spawnCli, tempDir } from '../test/harness.js';
 import { makePrng, sha256File } from '../test/fixtures.js';
-import { RECORD_BYTES, chainGap, chainSlots, parseLog, parseRecord } from './workload.js';
+import { RECORD_BYTES, chainGap, chainSlots, newestChainWrite, parseLog, parseRecord } from './workload.js';
 
 const MiB = 1024 * 1024;
 const TRACING = '/sys/kernel/tracing';
@@ -768,7 +768,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
         rmSync(restored);
         const gap = chainGap(held);
         assert.equal(gap, null, `point ${p.pointId} (cut ${p.time}) is flagged crash-consistent but is not a state the device was in: ${gap}`);
-        const m = Math.max(-1, ...held.map((k) => k ?? -1));
+        const m = newestChainWrite(held);
         assert.ok(m >= previous, `point ${p.pointId} holds writes up to ${m}, an earlier point up to ${previous}`);
         previous = m;
       }

@@ -92,12 +92,17 @@ export function chainSlotOf(k: number, slots: number): number {
   return ((k % slots) * 167) % slots;
 }
 
+/** The newest chain write the slots hold; -1 when they hold none. */
+export function newestChainWrite(held: Array<number | undefined>): number {
+  return Math.max(-1, ...held.map((k) => k ?? -1));
+}
+
 /**
  * Why the slots are not a prefix of the chain (writes 0..m for some m), or null when they
  * are: then each slot holds the newest write k ≤ m that went to it.
  */
 export function chainGap(held: Array<number | undefined>): string | null {
-  const m = Math.max(-1, ...held.map((k) => k ?? -1));
+  const m = newestChainWrite(held);
   const expected: Array<number | undefined> = held.map(() => undefined);
   for (let k = Math.max(0, m - held.length + 1); k <= m; k++) expected[chainSlotOf(k, held.length)] = k;
   for (const [b, k] of held.entries()) {
