@@ -109,7 +109,15 @@ function compactPacks(catalog: Catalog, packDir: string, log?: Logger): number {
     const oldPath = join(packDir, pack.file);
     if (pack.liveChunks > 0) {
       const file = join(pack.vaultId, `${Date.now().toString(36)}-${process.pid}-c${pack.id}.pack`);
-      const { moved, sizeBytes } = copyLiveEntries(catalog, pack.id, oldPath, join(packDir, file));
+      let copied: ReturnType<typeof copyLiveEntries>;
+      try {
+        copied = copyLiveEntries(catalog, pack.id, oldPath, join(packDir, file));
+      } catch (err) {
+        // Another prune (serve's schedule beside one run by hand) compacted it since this one looked.
+        if ((err as NodeJS.ErrnoException).code === 'ENOENT' && !catalog.packFiles().has(pack.file)) continue;
+        throw err;
+      }
+      const { moved, sizeBytes } = copied;
       // The copy is durable before any row names it; a crash or a full disk before this
       // transaction leaves only an unreferenced file (step 4), never a row without its file.
       catalog.db.transaction(() => catalog.replacePack(pack.id, catalog.createPack(pack.vaultId, file), moved, sizeBytes)).immediate();

@@ -5,6 +5,10 @@ import assert from 'node:assert/strict';
 import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
+import { destination, pino } from 'pino';
+import { Catalog } from '../receiver/catalog.js';
+import { openDataDir } from '../receiver/data-dir.js';
+import { prune, type PruneReport } from '../receiver/prune.js';
 import { Deployment, collect, runCli, runJson, spawnCli } from './harness.js';
 import { changeBlocks, makePrng, sha256File, writeMixedImage } from './fixtures.js';
 
@@ -75,6 +79,33 @@ describe('prune', () => {
     const again = await runJson('receiver', ['prune', '--data', d.receiver.dataDir, ...policy]);
     assert.equal(again.pointsDropped, 0, 'prune is idempotent');
     assert.equal(again.chunksFreed, 0);
+  });
+
+  it('skips a pack that another prune compacted since it looked (serve\'s schedule beside a prune by hand)', async () => {
+    await d.enroll('lambda');
+    const { disk, points } = await makeHistory(d, 'lambda', [72 * HOUR, 49 * HOUR, 48 * HOUR, HOUR / 2, 0]);
+    const dir = openDataDir(d.receiver.dataDir);
+    const retention = { keepWithinMs: HOUR, keepHourly: 0, keepDaily: 2, keepWeekly: 0 };
+    const first = Catalog.open(dir.catalogPath);
+    const second = Catalog.open(dir.catalogPath);
+    try {
+      // As the first prune finishes its first pack, the second runs whole: it compacts the
+      // packs the first one listed and has yet to reach, and removes their files.
+      let other: PruneReport | undefined;
+      const log = pino({ hooks: { logMethod(args, method) {
+        if (args[1] === 'pack compacted' && !other) other = prune(second, dir.packDir, { policy: retention, nowMs: NOW, dryRun: false });
+        return method.apply(this, args);
+      } } }, destination('/dev/null'));
+      const report = prune(first, dir.packDir, { policy: retention, nowMs: NOW, dryRun: false, log });
+      assert.ok(other && other.packsCompacted >= 1, `the second prune compacted a pack the first had listed (${other?.packsCompacted})`);
+      assert.ok(report.packsCompacted >= 1);
+    } finally {
+      first.close();
+      second.close();
+    }
+    for (const p of points.slice(2)) await assertRestores(d, 'lambda', disk, p);
+    const verify = await runJson('receiver', ['verify', '--data', d.receiver.dataDir]);
+    assert.equal(verify.ok, true, JSON.stringify(verify.damaged));
   });
 });
 
