@@ -378,7 +378,11 @@ export async function shipBlocks(
     // (continuous mode re-reads late writes) must have its newer version staged last.
     const staged = await conn.send('blocks.put', { pointId, diskId: record.diskId, blocks: changed.map(blockNumber), ids });
     turn?.sent();
-    await Promise.all([...replies, staged.reply]);
+    // A refused chunk fails the blocks.put behind it too ("chunk not stored"); when both replies
+    // arrive together, the refusal is the cause to report (e.g. the receiver's disk is full).
+    const outcomes = await Promise.allSettled([...replies, staged.reply]);
+    const failure = outcomes.find((o): o is PromiseRejectedResult => o.status === 'rejected');
+    if (failure) throw failure.reason;
     totals.blocksChanged += changed.length;
     return changedBytes;
   } finally {

@@ -4,14 +4,25 @@
 // (agent status Error naming the receiver's full disk; the receiver logs it once,
 // not per chunk), the receiver stays up and serves what it committed, and once the
 // filler is deleted the agent resumes the open point by itself and commits a point
-// that restores identical. Needs root (losetup, mount); elsewhere it skips.
+// that restores identical. A second case forces a refused chunk's reply and the
+// failed staging behind it into one delivery: the agent must still name the full
+// disk, not the missing chunk. Needs root (losetup, mount); elsewhere it skips.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, type ChildProcess } from 'node:child_process';
 import { closeSync, copyFileSync, fsyncSync, mkdirSync, openSync, rmSync, statfsSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { writeFileSync } from 'node:fs';
+import { ReceiverConnection } from '../shared/connection.js';
+import { TidemarkError } from '../shared/errors.js';
+import { decodeReply } from '../shared/protocol.js';
+import { createLogger } from '../shared/log.js';
+import { AgentState } from '../agent/state.js';
+import { syncOnce } from '../agent/sync.js';
 import { Deployment, ReceiverProcess, runJson, spawnCli, tempDir } from '../test/harness.js';
 import { changeBlocks, sha256File, writeMixedImage } from '../test/fixtures.js';
+import { vaultKeys } from '../test/point-check.js';
 
 const MiB = 1024 * 1024;
 const FS_BYTES = 64 * MiB;
@@ -163,5 +174,42 @@ describe('receiver disk full', { skip }, () => {
     assert.ok(dep.receiver.log.includes('receiver storage writable again'), 'the receiver logs the recovery');
     const verify = await runJson('receiver', ['verify', '--data', dep.receiver.dataDir]);
     assert.equal(verify.ok, true, JSON.stringify(verify.damaged));
+  });
+
+  it('names the full disk, not a missing chunk, when the refusals and the staging reply arrive together', async () => {
+    const dep = d!;
+    const state = AgentState.open(await dep.enroll('crammed'), { mustBeEnrolled: true });
+    const disk = join(dep.root, 'crammed.img');
+    writeFileSync(disk, randomBytes(2 * LEFT_FREE)); // incompressible: twice the space left
+    const filler = join(mnt, 'filler');
+    const stat = statfsSync(mnt);
+    writeFiller(filler, stat.bavail * stat.bsize - LEFT_FREE);
+    // The agent sends a batch's blocks.put right behind its chunk.puts; a refused chunk fails both.
+    // On a busy link both replies come in one read. Forced here: chunk.put replies are held until
+    // the blocks.put reply arrives, then all are delivered in one go (only the timing changes).
+    const proto = ReceiverConnection.prototype as any;
+    const originalOnMessage = proto.onMessage;
+    let deliveredTogether = 0;
+    proto.onMessage = function (this: any, data: Buffer, isBinary: boolean) {
+      this.held ??= [];
+      const type = this.pending.get(decodeReply(data).rid)?.type;
+      if (type === 'chunk.put') return void this.held.push(data);
+      if (type === 'blocks.put' && this.held.length > 0) deliveredTogether++;
+      for (const frame of this.held.splice(0)) originalOnMessage.call(this, frame, true);
+      originalOnMessage.call(this, data, isBinary);
+    };
+    try {
+      const failure = await syncOnce({
+        state, keys: vaultKeys(dep.keyFile), diskPaths: [disk], blockBytes: 64 * 1024, bytesPerSecond: 0, json: false, log: createLogger('test', 'warn'),
+      }).then(() => assert.fail('the sync succeeded on a full disk'), (err: unknown) => err);
+      assert.ok(deliveredTogether > 0, 'chunk refusals and a staging reply were delivered together');
+      assert.ok(failure instanceof TidemarkError, String(failure));
+      assert.equal(failure.code, 'E_STORAGE', failure.message);
+      assert.match(failure.message, /receiver disk full/);
+    } finally {
+      proto.onMessage = originalOnMessage;
+      state.close();
+      rmSync(filler);
+    }
   });
 });
