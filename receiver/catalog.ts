@@ -208,8 +208,13 @@ export class Catalog {
     }).immediate();
   }
 
-  commitPoint(hostId: number, pointId: number, timeMs: number, crashConsistent: boolean, disks: Array<{ diskId: number; changedBytes: number }>): void {
-    this.db.transaction(() => {
+  /**
+   * Commits an open point with the disks it lists. Versions staged for a disk it does not
+   * list are discarded (an agent restarted with fewer disks resumes its open point): a later
+   * point of that disk would otherwise read them as its own. Returns how many were discarded.
+   */
+  commitPoint(hostId: number, pointId: number, timeMs: number, crashConsistent: boolean, disks: Array<{ diskId: number; changedBytes: number }>): number {
+    return this.db.transaction(() => {
       if (!this.openPointOf(hostId, pointId)) throw new TidemarkError('E_CONFLICT', `point ${pointId} is not open for this host (already committed or discarded)`);
       if (new Set(disks.map((d) => d.diskId)).size !== disks.length) throw new TidemarkError('E_PROTOCOL', 'point.commit names a disk twice');
       const changed = this.db.prepare(`SELECT COUNT(*) FROM block_version WHERE disk_id = ? AND point_id = ?`).pluck();
@@ -219,8 +224,13 @@ export class Catalog {
         if (!disk || disk.hostId !== hostId) throw new TidemarkError('E_FORBIDDEN', `disk ${d.diskId} does not belong to this host`);
         insert.run(pointId, d.diskId, disk.sizeBytes, changed.get(d.diskId, pointId), d.changedBytes);
       }
+      const listed = new Set(disks.map((d) => d.diskId));
+      const unlisted = (this.db.prepare(`SELECT id FROM disk WHERE host_id = ?`).pluck().all(hostId) as number[]).filter((id) => !listed.has(id));
+      const discard = this.db.prepare(`DELETE FROM block_version WHERE point_id = ? AND disk_id = ?`);
+      const discarded = unlisted.reduce((sum, diskId) => sum + discard.run(pointId, diskId).changes, 0);
       this.db.prepare(`UPDATE point SET state = 'committed', time_ms = ?, crash_consistent = ?, committed_ms = ? WHERE id = ?`)
         .run(timeMs, crashConsistent ? 1 : 0, Date.now(), pointId);
+      return discarded;
     }).immediate();
   }
 

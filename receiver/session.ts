@@ -135,8 +135,8 @@ export class Session {
         return this.afterReceived(() => {
           const skewMs = req.timeMs - Date.now();
           if (skewMs > 5 * 60_000) throw new TidemarkError('E_PROTOCOL', `point time is ${Math.round(skewMs / 1000)} s in the receiver's future; fix the agent's clock`);
-          this.ctx.catalog.commitPoint(p.hostId, req.pointId, req.timeMs, req.crashConsistent, req.disks);
-          this.ctx.log.info({ host: p.host, pointId: req.pointId, crashConsistent: req.crashConsistent }, 'point committed');
+          const discarded = this.ctx.catalog.commitPoint(p.hostId, req.pointId, req.timeMs, req.crashConsistent, req.disks);
+          this.ctx.log.info({ host: p.host, pointId: req.pointId, crashConsistent: req.crashConsistent, ...(discarded > 0 && { unlistedVersionsDiscarded: discarded }) }, 'point committed');
           return { pointId: req.pointId };
         });
       case 'status.report':

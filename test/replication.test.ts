@@ -3,10 +3,16 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { copyFileSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { ReceiverConnection } from '../shared/connection.js';
+import { createLogger } from '../shared/log.js';
+import { AgentState } from '../agent/state.js';
+import { syncOnce } from '../agent/sync.js';
 import { Deployment, collect, lastEvent, runJson, spawnCli } from './harness.js';
 import { changeBlocks, sha256File, writeMixedImage } from './fixtures.js';
+import { vaultKeys } from './point-check.js';
 
 const MiB = 1024 * 1024;
+const BLOCK = 64 * 1024;
 
 describe('replication end to end', () => {
   let d: Deployment;
@@ -209,6 +215,54 @@ describe('agent stopped between the commit reply and recording it', () => {
     const out = join(d.root, 'theta-restored.img');
     await d.restore('theta', disk, third.pointId, out);
     assert.equal(await sha256File(out), await sha256File(disk));
+  });
+});
+
+describe('agent restarted with fewer disks while a point is open', () => {
+  let d: Deployment;
+  after(() => d?.close());
+
+  // The agent dies after staging both disks' blocks, before the commit; it comes back with
+  // disk A only, resumes the open point and commits it. B's versions staged there must not
+  // become part of B's history: the next point of B would read them where B is unchanged.
+  it('the point drops the unlisted disk\'s staged blocks, and a later point of that disk restores identical', async () => {
+    d = await Deployment.start();
+    const stateDir = await d.enroll('delta');
+    const diskA = join(d.root, 'delta-a.img');
+    const diskB = join(d.root, 'delta-b.img');
+    await writeMixedImage(diskA, 4 * MiB, 11);
+    await writeMixedImage(diskB, 4 * MiB, 12);
+    await d.syncOnce('delta', [diskA, diskB]);
+    const originalB = readFileSync(diskB);
+
+    await changeBlocks(diskB, BLOCK, 8, 13);
+    const state = AgentState.open(stateDir, { mustBeEnrolled: true });
+    const originalSend = ReceiverConnection.prototype.send;
+    // The one thing changed: the agent stops right before sending the commit, as a SIGKILL there would.
+    ReceiverConnection.prototype.send = async function (this: ReceiverConnection, type: any, body: any) {
+      if (type === 'point.commit') throw new Error('killed before the commit');
+      return originalSend.call(this, type, body);
+    } as typeof originalSend;
+    try {
+      const interrupted = syncOnce({
+        state, keys: vaultKeys(d.keyFile), diskPaths: [diskA, diskB], blockBytes: BLOCK, bytesPerSecond: 0, json: false, log: createLogger('test', 'warn'),
+      });
+      await assert.rejects(interrupted, /killed before the commit/);
+    } finally {
+      ReceiverConnection.prototype.send = originalSend;
+      state.close();
+    }
+
+    writeFileSync(diskB, originalB); // B's blocks return to the content of its last point
+    const resumed = await d.syncOnce('delta', [diskA]);
+    assert.equal(resumed.resumed, true, 'the restarted agent resumed the open point');
+    assert.deepEqual((await d.points('delta')).at(-1).disks.map((x: any) => x.name), [diskA]);
+    assert.match(d.receiver.log, /"unlistedVersionsDiscarded":8/, 'the receiver logs the discarded versions');
+
+    const later = await d.syncOnce('delta', [diskA, diskB]);
+    const out = join(d.root, 'delta-b-restored.img');
+    await d.restore('delta', diskB, later.pointId, out);
+    assert.equal(await sha256File(out), await sha256File(diskB), 'the later point of B restores B as it is');
   });
 });
 
