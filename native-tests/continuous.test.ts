@@ -2,11 +2,12 @@
 // ext4 mounted on a loop device (and on a partition of a partitioned loop device), a
 // writer appending numbered records with fsync plus a SQLite database taking transactions
 // (native-tests/workload.ts), the agent running `run --interval 1s --tracker tracefs`.
-// Points spread over each run are restored, attached, mounted (the journal replays) and
-// checked: every record fsynced before the cut is present, the records form a gap-free
+// In the two ext4 cases every crash-consistent point cut under the load is restored,
+// attached, mounted (the journal replays) and checked (the later cases check points spread
+// over their runs): every record fsynced before the cut is present, the records form a gap-free
 // prefix, nothing written after the cut is in, SQLite's integrity_check is ok, e2fsck -fn
 // is clean. A chain of ordered writes straight to a raw device checks every crash-consistent
-// point, not a sample. Then: SIGKILL + restart of the agent, a forced trace-buffer overrun,
+// point too. Then: SIGKILL + restart of the agent, a forced trace-buffer overrun,
 // receiver kills and a 30 s receiver outage, a backlog larger than a round may hold. After
 // the load stops (and the source is unmounted), the newest point equals the device byte
 // for byte.
@@ -706,7 +707,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
     await d?.close();
   });
 
-  it('ext4 on a loop device: points spread over the load are crash-consistent; the last equals the disk', { timeout: 180_000 }, async (t) => {
+  it('ext4 on a loop device: every crash-consistent point under the load checks out; the last equals the disk', { timeout: 240_000 }, async (t) => {
     await inLab('loop', async (lab) => {
       const host = 'cont-loop';
       const { disk, stateDir, agent } = await startCase(t, lab, host, 128);
@@ -719,7 +720,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
       assert.ok(['Replicating', 'Resyncing'].includes(status.state), `state under load: ${status.state} (${status.reason})`);
       assert.ok(status.lagSeconds !== null && status.lagSeconds < 15, `lag under load: ${status.lagSeconds} s`);
       const newest = await finish(d, c, agent);
-      const points = loadPoints(agent, workload, workload.startedMs, 5, t);
+      const points = loadPoints(agent, workload, workload.startedMs, Infinity, t);
       assert.ok(agent.points.some((p) => p.mode === 'incremental'), 'no incremental (tracefs) point at all');
       for (const p of points) await checkPoint(d, c, p);
       t.diagnostic(`checked ${points.length + 1} points, newest ${newest.pointId}`);
@@ -727,14 +728,14 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
     }, t);
   });
 
-  it('ext4 on a partition of a partitioned loop device', { timeout: 150_000, skip: partitionSkipReason() }, async (t) => {
+  it('ext4 on a partition of a partitioned loop device: every crash-consistent point under the load checks out', { timeout: 200_000, skip: partitionSkipReason() }, async (t) => {
     await inLab('part', async (lab) => {
       const host = 'cont-part';
       const { disk, agent } = await startCase(t, lab, host, 96, true);
       const workload = new Workload(lab, { dir: disk.mnt }, 10);
       const c: CaseContext = { t, lab, host, disk, workload };
       await finish(d, c, agent);
-      const points = loadPoints(agent, workload, workload.startedMs, 4, t);
+      const points = loadPoints(agent, workload, workload.startedMs, Infinity, t);
       for (const p of points) await checkPoint(d, c, p);
       assert.ok(points.length >= 4, `need at least 4 crash-consistent points under load (plus the last), got ${points.length}`);
     }, t);
