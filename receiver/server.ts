@@ -1,22 +1,26 @@
 // The receiver's network face: HTTPS with the receiver's own certificate,
 // authentication on the HTTP upgrade (before any WebSocket exists), then one
 // Session per connection. Heartbeats find half-open links.
+import { spawn, type ChildProcess } from 'node:child_process';
 import { createServer, type Server } from 'node:https';
 import type { IncomingMessage } from 'node:http';
 import type { Duplex } from 'node:stream';
 import type { AddressInfo } from 'node:net';
+import { fileURLToPath } from 'node:url';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { Logger } from '../shared/log.js';
 import { ENROLL_PATH, MAX_FRAME_BYTES, PROTOCOL_HEADER, PROTOCOL_VERSION, SESSION_PATH } from '../shared/protocol.js';
 import { Catalog, type Principal } from './catalog.js';
 import { UPGRADE_TIMEOUT_MS, UpgradeGate } from './admission.js';
 import { acquireServeLock, type DataDir } from './data-dir.js';
-import { prune } from './prune.js';
+import type { PruneReport } from './prune.js';
 import type { RetentionPolicy } from './retention.js';
 import { LocalPackStore } from './pack-store.js';
 import { Session } from './session.js';
 
 const HEARTBEAT_MS = 15_000;
+/** The receiver CLI (receiver/cli.ts, compiled beside this module): scheduled prunes run its `prune`. */
+const RECEIVER_CLI = fileURLToPath(new URL('./cli.js', import.meta.url));
 
 export interface PruneSchedule {
   policy: RetentionPolicy;
@@ -29,6 +33,7 @@ export class ReceiverServer {
   private readonly alive = new WeakSet<WebSocket>();
   private heartbeat: NodeJS.Timeout | null = null;
   private pruneTimer: NodeJS.Timeout | null = null;
+  private pruning: ChildProcess | null = null;
   private releaseLock: () => void = () => {};
   /** Connections that have not completed an upgrade: capped and timed out (receiver/admission.ts). */
   private readonly gate: UpgradeGate;
@@ -77,7 +82,7 @@ export class ReceiverServer {
     });
     server.releaseLock = releaseLock;
     server.heartbeat = setInterval(() => server.beat(), HEARTBEAT_MS);
-    if (schedule.intervalMs > 0) server.pruneTimer = setInterval(() => server.scheduledPrune(dataDir.packDir, schedule.policy), schedule.intervalMs);
+    if (schedule.intervalMs > 0) server.pruneTimer = setInterval(() => server.scheduledPrune(dataDir.root, schedule.policy), schedule.intervalMs);
     return server;
   }
 
@@ -88,6 +93,7 @@ export class ReceiverServer {
   async close(): Promise<void> {
     if (this.heartbeat) clearInterval(this.heartbeat);
     if (this.pruneTimer) clearInterval(this.pruneTimer);
+    await this.stopPrune();
     this.gate.close();
     for (const ws of this.wss.clients) ws.close(1001, 'receiver shutting down');
     await new Promise<void>((resolve) => this.https.close(() => resolve()));
@@ -97,13 +103,47 @@ export class ReceiverServer {
     this.releaseLock();
   }
 
-  /** Retention runs here, on the receiver's clock; no client can ask for a deletion. */
-  private scheduledPrune(packDir: string, policy: RetentionPolicy): void {
-    try {
-      prune(this.catalog, packDir, { policy, nowMs: Date.now(), dryRun: false, log: this.log });
-    } catch (err) {
-      this.log.error({ err }, 'scheduled prune failed; will retry at the next interval');
-    }
+  /**
+   * Retention runs here, on the receiver's clock; no client can ask for a deletion. It runs as
+   * a `prune` child process, the same as one run by hand beside serve: compaction copies pack
+   * data and prune waits for the catalog's write lock, and on serve's event loop either would
+   * stall every session (and its heartbeats) for as long as it takes.
+   */
+  private scheduledPrune(dataRoot: string, policy: RetentionPolicy): void {
+    if (this.pruning) return void this.log.warn('scheduled prune skipped: the previous one is still running');
+    const flags = ['--keep-within', `${policy.keepWithinMs}ms`, '--keep-hourly', String(policy.keepHourly), '--keep-daily', String(policy.keepDaily), '--keep-weekly', String(policy.keepWeekly)];
+    const child = spawn(process.execPath, [RECEIVER_CLI, 'prune', '--data', dataRoot, '--json', ...flags], { stdio: ['ignore', 'pipe', 'pipe'] });
+    this.pruning = child;
+    let stdout = '';
+    let stderr = '';
+    child.stdout.setEncoding('utf8').on('data', (text: string) => (stdout += text));
+    child.stderr.setEncoding('utf8').on('data', (text: string) => (stderr = (stderr + text).slice(-4096)));
+    child.on('error', (err) => this.log.error({ err: err.message }, 'scheduled prune could not start; will retry at the next interval'));
+    child.on('close', (code, signal) => {
+      this.pruning = null;
+      let report: PruneReport | undefined;
+      try {
+        if (code === 0) report = JSON.parse(stdout) as PruneReport;
+      } catch {
+        // reported below as a failure
+      }
+      if (report) {
+        const { pointsDropped, chunksFreed, bytesFreed, packsCompacted } = report;
+        this.log.info({ pointsDropped, chunksFreed, bytesFreed, packsCompacted }, 'prune finished');
+      } else {
+        const reason = stderr.trim().split('\n').at(-1) ?? '';
+        this.log.error({ code, signal, reason }, 'scheduled prune failed; will retry at the next interval');
+      }
+    });
+  }
+
+  /** A prune cut short is safe (it is crash-safe by design); waiting for it would hold up shutdown. */
+  private async stopPrune(): Promise<void> {
+    const child = this.pruning;
+    if (!child || child.exitCode !== null || child.signalCode !== null) return;
+    const closed = new Promise((resolve) => child.once('close', resolve));
+    child.kill('SIGTERM');
+    await closed;
   }
 
   private onUpgrade(req: IncomingMessage, socket: Duplex, head: Buffer): void {

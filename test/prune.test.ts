@@ -2,7 +2,7 @@
 // real syncs, then back-dated in the catalog to stand for days of history.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFileSync } from 'node:fs';
+import { copyFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { destination, pino } from 'pino';
@@ -11,6 +11,7 @@ import { openDataDir } from '../receiver/data-dir.js';
 import { prune, type PruneReport } from '../receiver/prune.js';
 import { Deployment, collect, runCli, runJson, spawnCli } from './harness.js';
 import { changeBlocks, makePrng, sha256File, writeMixedImage } from './fixtures.js';
+import { restoreSession, vaultKeys } from './point-check.js';
 
 const MiB = 1024 * 1024;
 const HOUR = 3_600_000;
@@ -146,3 +147,53 @@ describe('prune killed with SIGKILL', () => {
     assert.ok(verify.code === 0 || /unknown command/.test(verify.stderr), `verify after the kills: ${verify.stderr}`);
   });
 });
+
+describe('serve\'s scheduled prune', () => {
+  let d: Deployment;
+  after(() => d?.close());
+
+  // A prune waits for the catalog's write lock (an operator's prune or backup holding it,
+  // or serve's own ingest) and compacts packs for as long as that takes; serve must go on
+  // answering its sessions meanwhile. The lock is held here by a transaction of the test.
+  it('keeps serve answering while it waits for the catalog, then finishes', async () => {
+    d = await Deployment.start();
+    await d.enroll('mu');
+    const disk = join(d.root, 'mu.img');
+    await writeMixedImage(disk, 4 * MiB, 31);
+    await d.syncOnce('mu', [disk]);
+    writeFileSync(join(d.receiver.dataDir, 'config.json'), JSON.stringify({ pruneInterval: '1s' }));
+    await d.receiver.restart();
+    const conn = await restoreSession(d, vaultKeys(d.keyFile));
+    const lock = new Database(join(d.receiver.dataDir, 'catalog.db'));
+    let latencyMs: number;
+    let logBefore: number;
+    try {
+      lock.exec('BEGIN IMMEDIATE');
+      await sleep(2500); // a scheduled prune has started and waits for the lock (busy timeout 5 s)
+      logBefore = d.receiver.log.length;
+      const asked = Date.now();
+      const { points } = await conn.request('points.list', { host: 'mu', afterId: null });
+      latencyMs = Date.now() - asked;
+      assert.equal(points.length, 1);
+      await sleep(4500 - 2500 - latencyMs);
+    } finally {
+      lock.exec('ROLLBACK');
+      lock.close();
+      conn.close();
+    }
+    assert.ok(latencyMs < 1000, `serve answered points.list in ${latencyMs} ms while its prune waited for the catalog`);
+    const finished = await waitForLog(d, logBefore, '"msg":"prune finished"', 10_000);
+    assert.equal(JSON.parse(finished).pointsDropped, 0, 'the newest point is always kept');
+    assert.ok(!d.receiver.log.includes('scheduled prune failed'), d.receiver.log);
+  });
+});
+
+async function waitForLog(d: Deployment, from: number, text: string, timeoutMs: number): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const line = d.receiver.log.slice(from).split('\n').find((l) => l.includes(text));
+    if (line) return line;
+    if (Date.now() > deadline) throw new Error(`no "${text}" in the receiver log within ${timeoutMs} ms:\n${d.receiver.log.slice(from)}`);
+    await sleep(100);
+  }
+}
