@@ -118,7 +118,10 @@ export class ReceiverServer {
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (text: string) => (stdout += text));
     child.stderr.setEncoding('utf8').on('data', (text: string) => (stderr = (stderr + text).slice(-4096)));
-    child.on('error', (err) => this.log.error({ err: err.message }, 'scheduled prune could not start; will retry at the next interval'));
+    child.on('error', (err) => {
+      this.pruning = null;
+      this.log.error({ err: err.message }, 'scheduled prune could not start; will retry at the next interval');
+    });
     child.on('close', (code, signal) => {
       this.pruning = null;
       let report: PruneReport | undefined;
@@ -137,7 +140,7 @@ export class ReceiverServer {
     });
   }
 
-  /** A prune cut short is safe (it is crash-safe by design); waiting for it would hold up shutdown. */
+  /** Shutdown does not wait for a running prune to finish: one cut short is safe (prune is crash-safe). */
   private async stopPrune(): Promise<void> {
     const child = this.pruning;
     if (!child || child.exitCode !== null || child.signalCode !== null) return;
