@@ -13,7 +13,6 @@ import { ENROLL_PATH, MAX_FRAME_BYTES, PROTOCOL_HEADER, PROTOCOL_VERSION, SESSIO
 import { Catalog, type Principal } from './catalog.js';
 import { UPGRADE_TIMEOUT_MS, UpgradeGate } from './admission.js';
 import { acquireServeLock, type DataDir } from './data-dir.js';
-import type { PruneReport } from './prune.js';
 import type { RetentionPolicy } from './retention.js';
 import { LocalPackStore } from './pack-store.js';
 import { Session } from './session.js';
@@ -34,6 +33,7 @@ export class ReceiverServer {
   private heartbeat: NodeJS.Timeout | null = null;
   private pruneTimer: NodeJS.Timeout | null = null;
   private pruning: ChildProcess | null = null;
+  private closing = false;
   private releaseLock: () => void = () => {};
   /** Connections that have not completed an upgrade: capped and timed out (receiver/admission.ts). */
   private readonly gate: UpgradeGate;
@@ -91,6 +91,7 @@ export class ReceiverServer {
   }
 
   async close(): Promise<void> {
+    this.closing = true;
     if (this.heartbeat) clearInterval(this.heartbeat);
     if (this.pruneTimer) clearInterval(this.pruneTimer);
     await this.stopPrune();
@@ -112,31 +113,33 @@ export class ReceiverServer {
   private scheduledPrune(dataRoot: string, policy: RetentionPolicy): void {
     if (this.pruning) return void this.log.warn('scheduled prune skipped: the previous one is still running');
     const flags = ['--keep-within', `${policy.keepWithinMs}ms`, '--keep-hourly', String(policy.keepHourly), '--keep-daily', String(policy.keepDaily), '--keep-weekly', String(policy.keepWeekly)];
-    const child = spawn(process.execPath, [RECEIVER_CLI, 'prune', '--data', dataRoot, '--json', ...flags], { stdio: ['ignore', 'pipe', 'pipe'] });
+    // Its log lines (at serve's level) join serve's log whole; the last one explains a failure.
+    const child = spawn(process.execPath, [RECEIVER_CLI, 'prune', '--data', dataRoot, ...flags], {
+      stdio: ['ignore', 'ignore', 'pipe'], env: { ...process.env, TIDEMARK_LOG_LEVEL: this.log.level },
+    });
     this.pruning = child;
-    let stdout = '';
-    let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (text: string) => (stdout += text));
-    child.stderr.setEncoding('utf8').on('data', (text: string) => (stderr = (stderr + text).slice(-4096)));
+    let partial = '';
+    let lastLine = '';
+    const forward = (line: string) => {
+      if (!line) return;
+      process.stderr.write(`${line}\n`);
+      lastLine = line;
+    };
+    child.stderr!.setEncoding('utf8').on('data', (text: string) => {
+      const lines = (partial + text).split('\n');
+      partial = lines.pop()!;
+      lines.forEach(forward);
+    });
     child.on('error', (err) => {
       this.pruning = null;
       this.log.error({ err: err.message }, 'scheduled prune could not start; will retry at the next interval');
     });
     child.on('close', (code, signal) => {
       this.pruning = null;
-      let report: PruneReport | undefined;
-      try {
-        if (code === 0) report = JSON.parse(stdout) as PruneReport;
-      } catch {
-        // reported below as a failure
-      }
-      if (report) {
-        const { pointsDropped, chunksFreed, bytesFreed, packsCompacted } = report;
-        this.log.info({ pointsDropped, chunksFreed, bytesFreed, packsCompacted }, 'prune finished');
-      } else {
-        const reason = stderr.trim().split('\n').at(-1) ?? '';
-        this.log.error({ code, signal, reason }, 'scheduled prune failed; will retry at the next interval');
-      }
+      forward(partial);
+      if (code === 0) return;
+      if (this.closing) this.log.info({ signal }, 'scheduled prune stopped with serve');
+      else this.log.error({ code, signal, reason: lastLine }, 'scheduled prune failed; will retry at the next interval');
     });
   }
 
