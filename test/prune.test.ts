@@ -169,13 +169,13 @@ describe('serve\'s scheduled prune', () => {
     let logBefore: number;
     try {
       lock.exec('BEGIN IMMEDIATE');
-      await sleep(2500); // a scheduled prune has started and waits for the lock (busy timeout 5 s)
+      await sleep(2000); // a scheduled prune has started and waits for the lock (busy timeout 5 s)
       logBefore = d.receiver.log.length;
       const asked = Date.now();
       const { points } = await conn.request('points.list', { host: 'mu', afterId: null });
       latencyMs = Date.now() - asked;
       assert.equal(points.length, 1);
-      await sleep(4500 - 2500 - latencyMs);
+      await sleep(3500 - 2000 - latencyMs); // the lock is held 3.5 s: well within the prune's 5 s
     } finally {
       lock.exec('ROLLBACK');
       lock.close();
