@@ -216,7 +216,8 @@ export class Catalog {
   commitPoint(hostId: number, pointId: number, timeMs: number, crashConsistent: boolean, disks: Array<{ diskId: number; changedBytes: number }>): number {
     return this.db.transaction(() => {
       if (!this.openPointOf(hostId, pointId)) throw new TidemarkError('E_CONFLICT', `point ${pointId} is not open for this host (already committed or discarded)`);
-      if (new Set(disks.map((d) => d.diskId)).size !== disks.length) throw new TidemarkError('E_PROTOCOL', 'point.commit names a disk twice');
+      const listed = new Set(disks.map((d) => d.diskId));
+      if (listed.size !== disks.length) throw new TidemarkError('E_PROTOCOL', 'point.commit names a disk twice');
       const changed = this.db.prepare(`SELECT COUNT(*) FROM block_version WHERE disk_id = ? AND point_id = ?`).pluck();
       const insert = this.db.prepare(`INSERT INTO point_disk (point_id, disk_id, size_bytes, changed_blocks, changed_bytes) VALUES (?, ?, ?, ?, ?)`);
       for (const d of disks) {
@@ -224,7 +225,6 @@ export class Catalog {
         if (!disk || disk.hostId !== hostId) throw new TidemarkError('E_FORBIDDEN', `disk ${d.diskId} does not belong to this host`);
         insert.run(pointId, d.diskId, disk.sizeBytes, changed.get(d.diskId, pointId), d.changedBytes);
       }
-      const listed = new Set(disks.map((d) => d.diskId));
       const unlisted = (this.db.prepare(`SELECT id FROM disk WHERE host_id = ?`).pluck().all(hostId) as number[]).filter((id) => !listed.has(id));
       const discard = this.db.prepare(`DELETE FROM block_version WHERE point_id = ? AND disk_id = ?`);
       const discarded = unlisted.reduce((sum, diskId) => sum + discard.run(pointId, diskId).changes, 0);
