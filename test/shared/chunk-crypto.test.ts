@@ -30,6 +30,23 @@ describe('chunk envelope', () => {
     assert.equal(sealed[5], 0, 'lz4 flag clear');
   });
 
+  it('skips lz4 on a block whose sampled slices do not compress, and only then', () => {
+    // Four 1 KiB slices, one at the start of each quarter, are compressed first (worthCompressing).
+    const slicesNoise = Buffer.alloc(BLOCK, 'tidemark ');
+    for (let q = 0; q < 4; q++) randomBytes(1024).copy(slicesNoise, q * (BLOCK / 4));
+    const skipped = sealChunk(keys, chunkId(keys, slicesNoise), slicesNoise);
+    assert.equal(skipped.length, BLOCK + CHUNK_OVERHEAD_BYTES, 'stored raw, although the block as a whole would compress');
+    assert.equal(skipped[5], 0, 'lz4 flag clear');
+    assert.deepEqual(openChunk(keys, chunkId(keys, slicesNoise), skipped, BLOCK), slicesNoise);
+
+    const halfNoise = Buffer.alloc(BLOCK, 'tidemark ');
+    randomBytes(BLOCK / 2).copy(halfNoise, BLOCK / 4); // noise under two of the four slices
+    const compressed = sealChunk(keys, chunkId(keys, halfNoise), halfNoise);
+    assert.ok(compressed.length < BLOCK * 0.6, `half of it compresses: ${compressed.length} bytes`);
+    assert.equal(compressed[5], 1, 'lz4 flag set');
+    assert.deepEqual(openChunk(keys, chunkId(keys, halfNoise), compressed, BLOCK), halfNoise);
+  });
+
   it('ids are keyed: the same block has different ids in different vaults', () => {
     const block = Buffer.alloc(BLOCK, 7);
     assert.deepEqual(chunkId(keys, block), chunkId(keys, block));
@@ -41,6 +58,10 @@ describe('chunk envelope', () => {
     const block = Buffer.alloc(BLOCK, 1);
     const id = chunkId(keys, block);
     assert.notDeepEqual(sealChunk(keys, id, block).subarray(8, CHUNK_HEADER_BYTES), sealChunk(keys, id, block).subarray(8, CHUNK_HEADER_BYTES));
+    // Salts and nonces come from the CSPRNG in batches: none repeats across batch boundaries either.
+    const seen = new Set<string>();
+    for (let i = 0; i < 1000; i++) seen.add(sealChunk(keys, id, block).subarray(8, CHUNK_HEADER_BYTES).toString('hex'));
+    assert.equal(seen.size, 1000);
   });
 
   it('detects a flipped bit anywhere, a swapped id and a foreign key', () => {
