@@ -24,6 +24,15 @@ export interface SealResult {
   lengths: Uint32Array;
 }
 
+const zeroHashes = new Map<number, bigint>();
+
+/** xxh3-64 of an all-zero block of `bytes` bytes. */
+export function zeroHash(bytes: number): bigint {
+  let hash = zeroHashes.get(bytes);
+  if (hash === undefined) zeroHashes.set(bytes, (hash = xxh3.xxh64(Buffer.alloc(bytes))));
+  return hash;
+}
+
 export function blockOf(data: Buffer, index: number, blockBytes: number): Buffer {
   return data.subarray(index * blockBytes, Math.min((index + 1) * blockBytes, data.length));
 }
@@ -42,17 +51,20 @@ export function scanBlocks(keys: Pick<ChunkKeys, 'idKey'>, data: Buffer, blockBy
   const count = blockCountOf(data, blockBytes);
   if (known !== null && known.length !== count) throw new RangeError(`scan of ${count} blocks got ${known.length} known hashes`);
   const hashes = new BigUint64Array(count);
+  const isZero = new Uint8Array(count);
   const changed: number[] = [];
   for (let i = 0; i < count; i++) {
-    hashes[i] = xxh3.xxh64(blockOf(data, i, blockBytes));
+    const block = blockOf(data, i, blockBytes);
+    // A zero test is a memcmp, far cheaper than hashing: unused space costs almost nothing to scan.
+    isZero[i] = isZeroBlock(block) ? 1 : 0;
+    hashes[i] = isZero[i] ? zeroHash(block.length) : xxh3.xxh64(block);
     if (known === null || hashes[i] !== known[i]) changed.push(i);
   }
   const zero = new Uint8Array(changed.length);
   const ids = new Uint8Array(changed.length * CHUNK_ID_BYTES);
   changed.forEach((index, n) => {
-    const block = blockOf(data, index, blockBytes);
-    if (isZeroBlock(block)) zero[n] = 1;
-    else ids.set(chunkId(keys, block), n * CHUNK_ID_BYTES);
+    if (isZero[index]) zero[n] = 1;
+    else ids.set(chunkId(keys, blockOf(data, index, blockBytes)), n * CHUNK_ID_BYTES);
   });
   return { hashes, changed: Uint32Array.from(changed), zero, ids };
 }
@@ -72,7 +84,8 @@ export function sealBlocks(keys: ChunkKeys, data: Buffer, blockBytes: number, bl
     total += lengths[n]!;
   });
   // One fresh buffer the worker can give away: small pieces may live in Node's shared pool, which must not be transferred.
-  const packed = new Uint8Array(total);
+  // Not zero-filled: every byte is written below.
+  const packed = Buffer.allocUnsafeSlow(total);
   let at = 0;
   for (const part of parts.flat()) {
     packed.set(part, at);

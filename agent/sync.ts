@@ -7,7 +7,6 @@
 // another pass re-reads and ships what moved, up to MAX_PASSES, after which
 // the point is committed flagged as *not* crash-consistent.
 import { existsSync } from 'node:fs';
-import { xxh3 } from '@node-rs/xxhash';
 import type { VaultKeys } from '../shared/chunk-crypto.js';
 import { ReceiverConnection } from '../shared/connection.js';
 import { TidemarkError } from '../shared/errors.js';
@@ -16,7 +15,7 @@ import { Progress, ProgressReporter } from '../shared/progress.js';
 import { MAX_IDS_PER_QUERY, SESSION_PATH } from '../shared/protocol.js';
 import { changeCounters } from './change-counter.js';
 import { DiskReader } from '../shared/disk-reader.js';
-import { blockCountOf, blockOf } from './block-work.js';
+import { blockCountOf, blockOf, zeroHash } from './block-work.js';
 import { BlockPool, type ScannedBlocks } from './block-pool.js';
 import { SlabPool } from './slab-pool.js';
 import { describeDisk } from './disks.js';
@@ -72,13 +71,6 @@ export interface Totals {
   chunksUploaded: number;
   bytesUploaded: number;
   chunksDeduplicated: number;
-}
-
-const zeroHashes = new Map<number, bigint>();
-export function zeroHash(blockBytes: number): bigint {
-  let hash = zeroHashes.get(blockBytes);
-  if (hash === undefined) zeroHashes.set(blockBytes, (hash = xxh3.xxh64(Buffer.alloc(blockBytes))));
-  return hash;
 }
 
 /** Connects to the enrolled receiver and says hello: a session ready for requests. */
