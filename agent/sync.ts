@@ -28,6 +28,8 @@ const MAX_ATTEMPTS = 3;
 const READ_BATCH_BYTES = 4 * 1024 * 1024;
 /** Batches read beyond one per worker: keeps the workers fed while a batch waits on the receiver; each costs a slab of memory. */
 const READ_AHEAD_BATCHES = 1;
+/** How often a pass persists its resume watermark (see ResumeWatermark). */
+const WATERMARK_PERSIST_MS = 1000;
 /** Hash of a block nobody has described yet: forces the block to be shipped. */
 const UNKNOWN_HASH = 0n;
 
@@ -239,6 +241,7 @@ async function scanDisk(
   const batchBlocks = Math.max(1, Math.floor(READ_BATCH_BYTES / record.blockBytes));
   const slabs = new SlabPool(pool.size + READ_AHEAD_BATCHES, batchBlocks * record.blockBytes);
   const hashes = HashFile.open(opts.state.hashPath(record.diskId, 'pending'));
+  const watermark = new ResumeWatermark(hashes, opts.state, record.path);
   const batches: Array<Promise<void>> = [];
   let failed = false;
   let reader: DiskReader | undefined;
@@ -274,8 +277,7 @@ async function scanDisk(
           turn.sent(); // nothing (more) to upload: the next batch may send while this one waits its turn below
           await before;
           hashes.write(batchFirst, scanned.hashes);
-          hashes.sync();
-          opts.state.setWatermark(record.path, batchFirst + scanned.hashes.length);
+          watermark.advance(batchFirst + scanned.hashes.length);
           onBatchDone(data.length);
         } finally {
           turn.sent(); // also when nothing changed or the batch failed: the next batch must not wait forever
@@ -288,12 +290,45 @@ async function scanDisk(
       previous = batch;
     }
   } finally {
-    // Every batch settles before the hash file closes, whatever failed.
+    // Every batch settles before the hash file closes, whatever failed; the batches done are kept for a resume.
     const settled = await Promise.allSettled(batches);
-    hashes.close();
-    await reader?.close();
     const failure = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+    try {
+      watermark.persist();
+    } catch (err) {
+      if (!failure) throw err; // the batch's own failure is the one to report
+    } finally {
+      hashes.close();
+      await reader?.close();
+    }
     if (failure) throw failure.reason;
+  }
+}
+
+/**
+ * Where a resumed pass may start: past every batch whose blocks are staged on
+ * the receiver and whose hashes are durable. Persisting costs an fsync of the
+ * hash file and a commit of the state database, so it is done at most once a
+ * second (and at the end); a crash re-reads at most that much.
+ */
+class ResumeWatermark {
+  private done: number | null = null;
+  private persistedMs = Date.now();
+
+  constructor(private readonly hashes: HashFile, private readonly state: AgentState, private readonly path: string) {}
+
+  /** Batches are done in order: every block before `block` is staged and its hash written. */
+  advance(block: number): void {
+    this.done = block;
+    if (Date.now() - this.persistedMs >= WATERMARK_PERSIST_MS) this.persist();
+  }
+
+  persist(): void {
+    if (this.done === null) return;
+    this.hashes.sync(); // before the watermark moves past them
+    this.state.setWatermark(this.path, this.done);
+    this.done = null;
+    this.persistedMs = Date.now();
   }
 }
 
