@@ -1,7 +1,10 @@
 // Baselines measured in the same run on the same image, so each figure of the
 // bench can be read as a ratio that holds on a noisy machine.
 import { execFileSync, spawnSync } from 'node:child_process';
-import { rmSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { closeSync, openSync, readSync, rmSync } from 'node:fs';
+import { scanBlocks, sealBlocks } from '../agent/block-work.js';
+import { CHUNK_ID_BYTES, VaultKeys } from '../shared/chunk-crypto.js';
 
 export interface Timed {
   seconds: number;
@@ -42,6 +45,32 @@ export function rawRead(path: string, bytes: number): Timed {
 /** The lz4 CLI at level 1 (single-threaded in lz4 ≤ 1.9), output discarded. */
 export function lz4Cli(path: string, bytes: number): Timed {
   return timed(bytes, () => sh('lz4', ['-1', '-q', '-f', path, '/dev/null']));
+}
+
+/**
+ * The agent's own per-block work (agent/block-work.ts: xxh3 of every block, then
+ * the keyed id, lz4 and AES-GCM of every non-zero one) on one core of this
+ * process, the image read from the page cache: what one worker thread can do
+ * before transport, storage and the receiver take their share.
+ */
+export function perBlockWork(path: string, bytes: number, blockBytes: number): Timed {
+  const keys = VaultKeys.fromMaster(randomBytes(32));
+  const piece = Buffer.allocUnsafe(4 * MiB);
+  const fd = openSync(path, 'r');
+  try {
+    return timed(bytes, () => {
+      for (let at = 0; at < bytes; at += piece.length) {
+        const data = piece.subarray(0, readSync(fd, piece, 0, piece.length, at));
+        const scanned = scanBlocks(keys, data, blockBytes, null);
+        const stored = [...scanned.changed.keys()].filter((n) => scanned.zero[n] === 0);
+        const ids = new Uint8Array(stored.length * CHUNK_ID_BYTES);
+        stored.forEach((n, k) => ids.set(scanned.ids.subarray(n * CHUNK_ID_BYTES, (n + 1) * CHUNK_ID_BYTES), k * CHUNK_ID_BYTES));
+        sealBlocks(keys, data, blockBytes, Uint32Array.from(stored, (n) => scanned.changed[n]!), ids);
+      }
+    });
+  } finally {
+    closeSync(fd);
+  }
 }
 
 /** A plain copy of the image, flushed to disk (restore fsyncs too). */

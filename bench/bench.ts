@@ -11,11 +11,12 @@ import { changeBlocks, sha256File } from '../test/fixtures.js';
 import { REPO_ROOT, tempDir } from '../test/harness.js';
 import { parseSizeBytes } from '../shared/units.js';
 import { DEFAULT_BLOCK_BYTES } from '../shared/protocol.js';
-import { copyImage, dropFromCache, lz4Available, lz4Cli, rawRead, warmCache, type Timed } from './baselines.js';
+import { copyImage, dropFromCache, lz4Available, lz4Cli, perBlockWork, rawRead, warmCache, type Timed } from './baselines.js';
 import { BenchCluster } from './cluster.js';
 import { buildImage, dataBytes } from './image.js';
 import { continuousBench, continuousUnavailable, type ContinuousResults } from './continuous.js';
-import { renderMarkdown, renderTable, type BenchResults } from './report.js';
+import { tlsLoopback } from './tls-baseline.js';
+import { renderMarkdown, renderTable, type BenchResults, type CpuShare } from './report.js';
 
 const MiB = 1024 * 1024;
 
@@ -51,11 +52,13 @@ async function main(): Promise<void> {
     warmCache(image);
     const warmRead = rawRead(image, sizeBytes);
     const lz4 = lz4Cli(image, sizeBytes);
+    const blockWork = perBlockWork(image, sizeBytes, DEFAULT_BLOCK_BYTES);
 
     say('initial sync...');
     await cluster.enroll('bench');
     const initial = await cluster.runOnce('bench', [image]);
     const status = await cluster.deployment.receiver.status();
+    const tls = await tlsLoopback(status.packBytes);
 
     say('incremental sync after a 1 % change (hash scan)...');
     const changeCount = Math.max(1, Math.round((data / DEFAULT_BLOCK_BYTES) * 0.01));
@@ -82,22 +85,26 @@ async function main(): Promise<void> {
 
     const perSecond = (bytes: number, seconds: number) => bytes / MiB / seconds;
     const initialSeconds = initial.point.durationMs / 1000;
+    const cores = availableParallelism();
     const results: BenchResults = {
       date: new Date().toISOString(),
       // Load from other work on the machine skews every figure; the 1-minute load average says how much.
-      machine: { cores: availableParallelism(), cpu: cpus()[0]?.model ?? 'unknown', memoryBytes: totalmem(), node: process.version, loadBefore, loadAfter: loadavg()[0]! },
+      machine: { cores, cpu: cpus()[0]?.model ?? 'unknown', memoryBytes: totalmem(), node: process.version, loadBefore, loadAfter: loadavg()[0]! },
       image: { sizeBytes, dataBytes: data, blockBytes: DEFAULT_BLOCK_BYTES, fill: 'ext4, ~60 % full: random binaries, logs, gzip archives, a duplicated directory' },
-      baselines: { coldRead: brief(coldRead), warmRead: brief(warmRead), lz4: brief(lz4), cp: brief(cp) },
+      baselines: { coldRead: brief(coldRead), warmRead: brief(warmRead), lz4: brief(lz4), blockWork: brief(blockWork), cp: brief(cp) },
       initialSync: {
         seconds: initialSeconds,
         imageMiBps: perSecond(sizeBytes, initialSeconds),
         dataMiBps: perSecond(data, initialSeconds),
         vsLz4: perSecond(sizeBytes, initialSeconds) / lz4.mibPerSecond,
+        vsBlockWork: perSecond(sizeBytes, initialSeconds) / blockWork.mibPerSecond,
         vsWarmRead: perSecond(sizeBytes, initialSeconds) / warmRead.mibPerSecond,
         vsColdRead: perSecond(sizeBytes, initialSeconds) / coldRead.mibPerSecond,
         bytesRead: initial.point.bytesRead,
         chunksUploaded: initial.point.chunksUploaded,
         chunksDeduplicated: initial.point.chunksDeduplicated,
+        cpu: cpuShare(initial.wallSeconds, cores, { agent: initial.agentCpuSeconds, receiver: initial.receiverCpuSeconds }),
+        tlsAlone: { bytes: status.packBytes, ...tls },
       },
       incrementalScan: {
         changedBytes: changeCount * DEFAULT_BLOCK_BYTES,
@@ -106,7 +113,10 @@ async function main(): Promise<void> {
         readVsChange: incremental.point.bytesRead / (changeCount * DEFAULT_BLOCK_BYTES),
         timeVsInitial: incremental.point.durationMs / initial.point.durationMs,
       },
-      restore: { seconds: restore.wallSeconds, mibps: perSecond(sizeBytes, restore.wallSeconds), vsCp: perSecond(sizeBytes, restore.wallSeconds) / cp.mibPerSecond, identical: restoreMatches },
+      restore: {
+        seconds: restore.wallSeconds, mibps: perSecond(sizeBytes, restore.wallSeconds), vsCp: perSecond(sizeBytes, restore.wallSeconds) / cp.mibPerSecond, identical: restoreMatches,
+        cpu: cpuShare(restore.wallSeconds, cores, { restore: restore.restoreCpuSeconds, receiver: restore.receiverCpuSeconds }),
+      },
       storage: { dataBytes: data, storedChunkBytes: status.storedChunkBytes, packBytes: status.packBytes, storedVsData: status.packBytes / data },
       memory: {
         agentPeakRssBytes: cluster.agentPeakRssBytes,
@@ -130,6 +140,12 @@ async function main(): Promise<void> {
 
 function brief(t: Timed): { seconds: number; mibps: number } {
   return { seconds: t.seconds, mibps: t.mibPerSecond };
+}
+
+/** CPU seconds per process over a wall time, and the share of the machine's cores they kept busy. */
+function cpuShare(wallSeconds: number, cores: number, seconds: Record<string, number>): CpuShare {
+  const total = Object.values(seconds).reduce((sum, s) => sum + s, 0);
+  return { seconds, busyCores: total / wallSeconds, cores };
 }
 
 main().catch((err) => {

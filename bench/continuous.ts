@@ -196,8 +196,8 @@ export async function continuousBench(cluster: BenchCluster, image: string, work
         break;
       }
     }
-    agent.peak.sample();
-    return { device: loop.device, initialSeconds: initial.durationMs / 1000, incremental, lag, sustainedMBps, sustainedNote, agentPeakRssBytes: agent.peak.bytes };
+    agent.watch.sample();
+    return { device: loop.device, initialSeconds: initial.durationMs / 1000, incremental, lag, sustainedMBps, sustainedNote, agentPeakRssBytes: agent.watch.peakRssBytes };
   } finally {
     if (agent) {
       const exited = new Promise((r) => agent!.child.once('exit', r));

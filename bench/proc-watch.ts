@@ -1,10 +1,13 @@
-// Peak memory of a child process: the kernel keeps the high-water mark of its
-// resident set (VmHWM in /proc/PID/status); we read it until the process
-// exits, and the last value read is its peak (it only grows).
+// Peak memory and CPU time of a process, read from /proc until it exits: the
+// kernel keeps the high-water mark of its resident set (VmHWM in status) and
+// the user and system time of all its threads (stat). Both only grow, so the
+// last values read stand; CPU time misses at most the last poll interval.
 import { readFileSync } from 'node:fs';
 import type { ChildProcess } from 'node:child_process';
 
-const POLL_MS = 100;
+const POLL_MS = 50;
+/** USER_HZ: the unit of /proc/PID/stat times, 100 on every Linux architecture Node runs on. */
+const CLOCK_TICKS_PER_SECOND = 100;
 
 export function readPeakRssBytes(pid: number): number | null {
   try {
@@ -15,8 +18,20 @@ export function readPeakRssBytes(pid: number): number | null {
   }
 }
 
-export class PeakRss {
+/** User plus system CPU seconds of every thread of the process so far; null once it is gone. */
+export function readCpuSeconds(pid: number): number | null {
+  try {
+    const stat = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    const fields = stat.slice(stat.lastIndexOf(')') + 2).split(' '); // field 3 (state) onwards: comm may hold spaces
+    return (Number(fields[11]) + Number(fields[12])) / CLOCK_TICKS_PER_SECOND; // fields 14 and 15: utime, stime
+  } catch {
+    return null;
+  }
+}
+
+export class ProcessWatch {
   private peak = 0;
+  private cpu = 0;
   private readonly timer: NodeJS.Timeout;
 
   constructor(private readonly pid: number) {
@@ -25,19 +40,25 @@ export class PeakRss {
     this.sample();
   }
 
-  static watch(child: ChildProcess): PeakRss {
-    const watch = new PeakRss(child.pid!);
+  static watch(child: ChildProcess): ProcessWatch {
+    const watch = new ProcessWatch(child.pid!);
     child.once('exit', () => watch.stop());
     return watch;
   }
 
   sample(): void {
-    const now = readPeakRssBytes(this.pid);
-    if (now !== null && now > this.peak) this.peak = now;
+    const rss = readPeakRssBytes(this.pid);
+    if (rss !== null && rss > this.peak) this.peak = rss;
+    const cpu = readCpuSeconds(this.pid);
+    if (cpu !== null && cpu > this.cpu) this.cpu = cpu;
   }
 
-  get bytes(): number {
+  get peakRssBytes(): number {
     return this.peak;
+  }
+
+  get cpuSeconds(): number {
+    return this.cpu;
   }
 
   stop(): void {

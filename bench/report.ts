@@ -2,17 +2,26 @@
 // file; both from the same JSON document (`--json`).
 import type { ContinuousResults } from './continuous.js';
 
+/** CPU seconds (user + system, every thread) per process over a wall time; busyCores = their sum / that time. */
+export interface CpuShare {
+  seconds: Record<string, number>;
+  busyCores: number;
+  cores: number;
+}
+
 export interface BenchResults {
   date: string;
   machine: { cores: number; cpu: string; memoryBytes: number; node: string; loadBefore: number; loadAfter: number };
   image: { sizeBytes: number; dataBytes: number; blockBytes: number; fill: string };
-  baselines: Record<'coldRead' | 'warmRead' | 'lz4' | 'cp', { seconds: number; mibps: number }>;
+  baselines: Record<'coldRead' | 'warmRead' | 'lz4' | 'blockWork' | 'cp', { seconds: number; mibps: number }>;
   initialSync: {
-    seconds: number; imageMiBps: number; dataMiBps: number; vsLz4: number; vsWarmRead: number; vsColdRead: number;
-    bytesRead: number; chunksUploaded: number; chunksDeduplicated: number;
+    seconds: number; imageMiBps: number; dataMiBps: number; vsLz4: number; vsBlockWork: number; vsWarmRead: number; vsColdRead: number;
+    bytesRead: number; chunksUploaded: number; chunksDeduplicated: number; cpu: CpuShare;
+    /** The bytes it stored, sent through TLS on loopback and nothing else (bench/tls-baseline.ts). */
+    tlsAlone: { bytes: number; seconds: number; mibps: number; cpuSeconds: number };
   };
   incrementalScan: { changedBytes: number; seconds: number; bytesRead: number; readVsChange: number; timeVsInitial: number };
-  restore: { seconds: number; mibps: number; vsCp: number; identical: boolean };
+  restore: { seconds: number; mibps: number; vsCp: number; identical: boolean; cpu: CpuShare };
   storage: { dataBytes: number; storedChunkBytes: number; packBytes: number; storedVsData: number };
   memory: { agentPeakRssBytes: number; agentInitialSyncRssBytes: number; agentIncrementalRssBytes: number; restorePeakRssBytes: number; receiverPeakRssBytes: number };
   continuous: ContinuousResults | { skipped: string };
@@ -26,6 +35,8 @@ const rate = (r: number) => `${r.toFixed(0)} MiB/s`;
 const x = (r: number) => `${r.toFixed(2)}×`;
 const s = (sec: number) => `${sec.toFixed(2)} s`;
 const verdict = (ok: boolean) => (ok ? 'met' : 'MISSED');
+const cpu = (c: CpuShare) => `${Object.entries(c.seconds).map(([name, sec]) => `${name} ${sec.toFixed(1)}`).join(' + ')} CPU-s`;
+const busy = (c: CpuShare) => `${c.busyCores.toFixed(2)} of ${c.cores} cores busy`;
 
 export function rows(r: BenchResults): Row[] {
   const i = r.initialSync;
@@ -33,6 +44,9 @@ export function rows(r: BenchResults): Row[] {
     ['initial sync (image)', rate(i.imageMiBps), `lz4 -1 one core ${rate(r.baselines.lz4.mibps)} → ${x(i.vsLz4)}`, `≥ 1.5× lz4: ${verdict(i.vsLz4 >= 1.5)}`],
     ['initial sync (data)', rate(i.dataMiBps), `${mib(r.image.dataBytes)} of data in ${s(i.seconds)}`, ''],
     ['  vs sequential read', rate(i.imageMiBps), `warm ${rate(r.baselines.warmRead.mibps)} (${x(i.vsWarmRead)}), cold ${rate(r.baselines.coldRead.mibps)} (${x(i.vsColdRead)})`, ''],
+    ['  vs the per-block work', rate(i.imageMiBps), `xxh3, id, lz4, AES-GCM on one core ${rate(r.baselines.blockWork.mibps)} → ${x(i.vsBlockWork)}`, ''],
+    ['  vs TLS alone', s(i.seconds), `the ${mib(i.tlsAlone.bytes)} stored, through TLS on loopback: ${s(i.tlsAlone.seconds)} (${rate(i.tlsAlone.mibps)}), ${i.tlsAlone.cpuSeconds.toFixed(1)} CPU-s`, ''],
+    ['  CPU time', cpu(i.cpu), busy(i.cpu), ''],
     ['incremental, hash scan (run --once)', s(r.incrementalScan.seconds), `reads ${mib(r.incrementalScan.bytesRead)} for a ${mib(r.incrementalScan.changedBytes)} change (${x(r.incrementalScan.readVsChange)}); ${(100 * r.incrementalScan.timeVsInitial).toFixed(1)} % of initial`, 'scan mode reads the whole disk by design'],
   ];
   if ('skipped' in r.continuous) {
@@ -50,6 +64,7 @@ export function rows(r: BenchResults): Row[] {
   }
   out.push(
     ['restore', rate(r.restore.mibps), `cp ${rate(r.baselines.cp.mibps)} → ${x(r.restore.vsCp)}${r.restore.identical ? ', image identical' : ', IMAGE DIFFERS'}`, `≥ 0.5× cp: ${verdict(r.restore.vsCp >= 0.5)}`],
+    ['  CPU time', cpu(r.restore.cpu), busy(r.restore.cpu), ''],
     ['stored bytes', mib(r.storage.packBytes), `data ${mib(r.storage.dataBytes)} → ${x(r.storage.storedVsData)} (dedup + lz4)`, ''],
     ['agent peak RSS', mib(r.memory.agentPeakRssBytes),
       `run --once initial ${mib(r.memory.agentInitialSyncRssBytes)}, incremental ${mib(r.memory.agentIncrementalRssBytes)}` +
