@@ -11,7 +11,7 @@ import { changeBlocks, sha256File } from '../test/fixtures.js';
 import { REPO_ROOT, tempDir } from '../test/harness.js';
 import { parseSizeBytes } from '../shared/units.js';
 import { DEFAULT_BLOCK_BYTES } from '../shared/protocol.js';
-import { copyImage, dropFromCache, lz4Available, lz4Cli, perBlockWork, rawRead, warmCache, type Timed } from './baselines.js';
+import { chunkOpenWork, copyImage, dropFromCache, lz4Available, lz4Cli, perBlockWork, rawRead, warmCache, type Timed } from './baselines.js';
 import { BenchCluster } from './cluster.js';
 import { buildImage, dataBytes } from './image.js';
 import { continuousBench, continuousUnavailable, type ContinuousResults } from './continuous.js';
@@ -53,6 +53,7 @@ async function main(): Promise<void> {
     const warmRead = rawRead(image, sizeBytes);
     const lz4 = lz4Cli(image, sizeBytes);
     const blockWork = perBlockWork(image, sizeBytes, DEFAULT_BLOCK_BYTES);
+    const chunkOpen = chunkOpenWork(image, sizeBytes, DEFAULT_BLOCK_BYTES);
 
     say('initial sync...');
     await cluster.enroll('bench');
@@ -91,7 +92,7 @@ async function main(): Promise<void> {
       // Load from other work on the machine skews every figure; the 1-minute load average says how much.
       machine: { cores, cpu: cpus()[0]?.model ?? 'unknown', memoryBytes: totalmem(), node: process.version, loadBefore, loadAfter: loadavg()[0]! },
       image: { sizeBytes, dataBytes: data, blockBytes: DEFAULT_BLOCK_BYTES, fill: 'ext4, ~60 % full: random binaries, logs, gzip archives, a duplicated directory' },
-      baselines: { coldRead: brief(coldRead), warmRead: brief(warmRead), lz4: brief(lz4), blockWork: brief(blockWork), cp: brief(cp) },
+      baselines: { coldRead: brief(coldRead), warmRead: brief(warmRead), lz4: brief(lz4), blockWork: brief(blockWork), chunkOpen: brief(chunkOpen), cp: brief(cp) },
       initialSync: {
         seconds: initialSeconds,
         imageMiBps: perSecond(sizeBytes, initialSeconds),
@@ -115,6 +116,7 @@ async function main(): Promise<void> {
       },
       restore: {
         seconds: restore.wallSeconds, mibps: perSecond(sizeBytes, restore.wallSeconds), vsCp: perSecond(sizeBytes, restore.wallSeconds) / cp.mibPerSecond, identical: restoreMatches,
+        vsChunkOpen: perSecond(sizeBytes, restore.wallSeconds) / chunkOpen.mibPerSecond,
         cpu: cpuShare(restore.wallSeconds, cores, { restore: restore.restoreCpuSeconds, receiver: restore.receiverCpuSeconds }),
       },
       storage: { dataBytes: data, storedChunkBytes: status.storedChunkBytes, packBytes: status.packBytes, storedVsData: status.packBytes / data },

@@ -13,7 +13,7 @@ export interface BenchResults {
   date: string;
   machine: { cores: number; cpu: string; memoryBytes: number; node: string; loadBefore: number; loadAfter: number };
   image: { sizeBytes: number; dataBytes: number; blockBytes: number; fill: string };
-  baselines: Record<'coldRead' | 'warmRead' | 'lz4' | 'blockWork' | 'cp', { seconds: number; mibps: number }>;
+  baselines: Record<'coldRead' | 'warmRead' | 'lz4' | 'blockWork' | 'chunkOpen' | 'cp', { seconds: number; mibps: number }>;
   initialSync: {
     seconds: number; imageMiBps: number; dataMiBps: number; vsLz4: number; vsBlockWork: number; vsWarmRead: number; vsColdRead: number;
     bytesRead: number; chunksUploaded: number; chunksDeduplicated: number; cpu: CpuShare;
@@ -21,7 +21,7 @@ export interface BenchResults {
     tlsAlone: { bytes: number; seconds: number; mibps: number; cpuSeconds: number };
   };
   incrementalScan: { changedBytes: number; seconds: number; bytesRead: number; readVsChange: number; timeVsInitial: number };
-  restore: { seconds: number; mibps: number; vsCp: number; identical: boolean; cpu: CpuShare };
+  restore: { seconds: number; mibps: number; vsCp: number; identical: boolean; vsChunkOpen: number; cpu: CpuShare };
   storage: { dataBytes: number; storedChunkBytes: number; packBytes: number; storedVsData: number };
   memory: { agentPeakRssBytes: number; agentInitialSyncRssBytes: number; agentIncrementalRssBytes: number; restorePeakRssBytes: number; receiverPeakRssBytes: number };
   continuous: ContinuousResults | { skipped: string };
@@ -64,6 +64,7 @@ export function rows(r: BenchResults): Row[] {
   }
   out.push(
     ['restore', rate(r.restore.mibps), `cp ${rate(r.baselines.cp.mibps)} → ${x(r.restore.vsCp)}${r.restore.identical ? ', image identical' : ', IMAGE DIFFERS'}`, `≥ 0.5× cp: ${verdict(r.restore.vsCp >= 0.5)}`],
+    ['  vs opening the chunks', rate(r.restore.mibps), `AES-GCM, lz4, id check on one core ${rate(r.baselines.chunkOpen.mibps)} → ${x(r.restore.vsChunkOpen)}`, ''],
     ['  CPU time', cpu(r.restore.cpu), busy(r.restore.cpu), ''],
     ['stored bytes', mib(r.storage.packBytes), `data ${mib(r.storage.dataBytes)} → ${x(r.storage.storedVsData)} (dedup + lz4)`, ''],
     ['agent peak RSS', mib(r.memory.agentPeakRssBytes),
