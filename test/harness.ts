@@ -4,6 +4,7 @@ import { mkdtempSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { SERVE_NODE_FLAGS } from '../receiver/node-flags.js';
 
 export const REPO_ROOT = resolve(fileURLToPath(import.meta.url), '../../..');
 export const PASSPHRASE = 'correct horse battery staple';
@@ -17,8 +18,8 @@ export interface CliResult {
 
 export type Tool = 'agent' | 'receiver' | 'restore';
 
-export function spawnCli(tool: Tool, args: string[], env: Record<string, string | undefined> = {}): ChildProcess {
-  return spawn(process.execPath, [join(REPO_ROOT, 'bin', `tidemark-${tool}.js`), ...args], {
+export function spawnCli(tool: Tool, args: string[], env: Record<string, string | undefined> = {}, nodeFlags: string[] = []): ChildProcess {
+  return spawn(process.execPath, [...nodeFlags, join(REPO_ROOT, 'bin', `tidemark-${tool}.js`), ...args], {
     env: { ...process.env, TIDEMARK_PASSPHRASE: PASSPHRASE, TIDEMARK_LOG_LEVEL: 'warn', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -72,7 +73,7 @@ export class ReceiverProcess {
   }
 
   private static serve(dataDir: string, port: number): Promise<{ child: ChildProcess; port: number; log: () => string }> {
-    const child = spawnCli('receiver', ['serve', '--data', dataDir, '--listen', `127.0.0.1:${port}`], { TIDEMARK_LOG_LEVEL: 'info' });
+    const child = spawnCli('receiver', ['serve', '--data', dataDir, '--listen', `127.0.0.1:${port}`], { TIDEMARK_LOG_LEVEL: 'info' }, SERVE_NODE_FLAGS);
     return new Promise((resolve, reject) => {
       let buffered = '';
       let listening = false;
