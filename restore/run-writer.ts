@@ -2,21 +2,29 @@
 // RUN_BYTES: a write per 64 KiB block costs a thread-pool round trip each,
 // which dominated restore time. Blocks that do not continue the current run
 // (a hole in a sparse image) flush it first.
+//
+// Two buffers: one run is written while the next is gathered, so the caller
+// (fetching and opening chunks) does not stop for each write. A failed write
+// surfaces at the next write or flush.
 import type { FileHandle } from 'node:fs/promises';
 
 const RUN_BYTES = 4 * 1024 * 1024;
 
 export class RunWriter {
-  private readonly buffer = Buffer.allocUnsafe(RUN_BYTES);
+  private buffer = Buffer.allocUnsafe(RUN_BYTES);
+  private spare = Buffer.allocUnsafe(RUN_BYTES);
   private runOffset = 0;
   private runBytes = 0;
+  /** The write of the previous run, still going. */
+  private writing: Promise<void> = Promise.resolve();
 
   constructor(private readonly file: FileHandle) {}
 
   async write(data: Buffer, offset: number): Promise<void> {
     const continues = this.runBytes > 0 && offset === this.runOffset + this.runBytes;
-    if (this.runBytes > 0 && (!continues || this.runBytes + data.length > RUN_BYTES)) await this.flush();
+    if (this.runBytes > 0 && (!continues || this.runBytes + data.length > RUN_BYTES)) await this.startRunWrite();
     if (data.length > RUN_BYTES) {
+      await this.writing;
       await this.writeAll(data, offset);
       return;
     }
@@ -25,12 +33,22 @@ export class RunWriter {
     this.runBytes += data.length;
   }
 
-  /** Writes what is gathered; call before syncing or closing the file. */
+  /** Writes what is gathered and waits for every write; call before syncing or closing the file. */
   async flush(): Promise<void> {
+    await this.startRunWrite();
+    await this.writing;
+  }
+
+  /** Waits for the previous run's write, then starts this run's and swaps buffers. */
+  private async startRunWrite(): Promise<void> {
+    await this.writing;
     if (this.runBytes === 0) return;
-    const bytes = this.runBytes;
+    const run = this.buffer.subarray(0, this.runBytes);
+    const offset = this.runOffset;
+    [this.buffer, this.spare] = [this.spare, this.buffer];
     this.runBytes = 0;
-    await this.writeAll(this.buffer.subarray(0, bytes), this.runOffset);
+    this.writing = this.writeAll(run, offset);
+    this.writing.catch(() => {}); // awaited at the next write or flush, where its error surfaces
   }
 
   private async writeAll(data: Buffer, offset: number): Promise<void> {

@@ -1,7 +1,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { open } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
@@ -34,6 +34,25 @@ describe('run writer', () => {
         await file.close();
       }
       assert.ok(readFileSync(path).equals(expected));
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  });
+
+  it('reports a write that failed behind the caller at the next write or flush', async () => {
+    const dir = mkdtempSync(join(tmpdir(), 'tidemark-runwriter-'));
+    try {
+      const path = join(dir, 'out.img');
+      writeFileSync(path, Buffer.alloc(1024 * 1024));
+      const file = await open(path, 'r'); // every write fails with EBADF
+      try {
+        const writer = new RunWriter(file);
+        await writer.write(randomBytes(65536), 0);
+        await writer.write(randomBytes(65536), 512 * 1024); // a hole: the first run's write starts, not awaited
+        await assert.rejects(writer.flush(), { code: 'EBADF' });
+      } finally {
+        await file.close();
+      }
     } finally {
       rmSync(dir, { recursive: true, force: true });
     }
