@@ -124,8 +124,9 @@ describe('prune killed with SIGKILL', () => {
     let kills = 0;
     for (let attempt = 0; attempt < 40; attempt++) {
       const child = spawnCli('receiver', ['prune', '--data', d.receiver.dataDir, ...policy]);
-      // Later kills come later, so that on a slow machine too some prune gets to finish.
-      const delayMs = 100 + attempt * 100 + (random() % 400);
+      // Early kills come early, so that on a fast machine too some land mid-way; later ones come
+      // later, so that on a slow machine too some prune gets to finish.
+      const delayMs = 60 + attempt * 40 + (random() % 80);
       const timer = setTimeout(() => child.kill('SIGKILL'), delayMs);
       const result = await collect(child);
       clearTimeout(timer);
