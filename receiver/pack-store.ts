@@ -112,7 +112,7 @@ export class LocalPackStore implements ChunkStore {
     if (!loc) throw new TidemarkError('E_NOT_FOUND', `chunk ${id.toString('hex')} is not stored in this vault`);
     const fd = openSync(join(this.packDir, loc.file), 'r');
     try {
-      const entry = Buffer.alloc(ENTRY_HEADER_BYTES + loc.length);
+      const entry = Buffer.allocUnsafe(ENTRY_HEADER_BYTES + loc.length); // a short read is refused below, never sent
       const read = readSync(fd, entry, 0, entry.length, loc.offset);
       const envelope = entry.subarray(ENTRY_HEADER_BYTES);
       const damaged = read !== entry.length || !entry.subarray(0, ENTRY_HEADER_BYTES).equals(encodeEntryHeader(id, envelope));

@@ -1,10 +1,9 @@
 // Test harness: real receiver and agent processes on loopback, in temp directories.
 import { spawn, type ChildProcess } from 'node:child_process';
-import { mkdtempSync, rmSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
-import { SERVE_NODE_FLAGS } from '../receiver/node-flags.js';
 
 export const REPO_ROOT = resolve(fileURLToPath(import.meta.url), '../../..');
 export const PASSPHRASE = 'correct horse battery staple';
@@ -18,8 +17,20 @@ export interface CliResult {
 
 export type Tool = 'agent' | 'receiver' | 'restore';
 
-export function spawnCli(tool: Tool, args: string[], env: Record<string, string | undefined> = {}, nodeFlags: string[] = []): ChildProcess {
-  return spawn(process.execPath, [...nodeFlags, join(REPO_ROOT, 'bin', `tidemark-${tool}.js`), ...args], {
+export function launcherPath(tool: Tool): string {
+  return join(REPO_ROOT, 'bin', `tidemark-${tool}.js`);
+}
+
+/** The node flags a launcher's shebang (`#!/usr/bin/env -S node FLAGS`) gives the process. */
+export function launcherNodeFlags(tool: Tool): string[] {
+  const shebang = readFileSync(launcherPath(tool), 'utf8').split('\n', 1)[0]!;
+  const words = shebang.replace(/^#!\S+\s+/, '').split(/\s+/).filter(Boolean);
+  return words.slice(words.indexOf('node') + 1);
+}
+
+/** Runs a CLI with this test's node and the flags its launcher's shebang gives node, as installed. */
+export function spawnCli(tool: Tool, args: string[], env: Record<string, string | undefined> = {}): ChildProcess {
+  return spawn(process.execPath, [...launcherNodeFlags(tool), launcherPath(tool), ...args], {
     env: { ...process.env, TIDEMARK_PASSPHRASE: PASSPHRASE, TIDEMARK_LOG_LEVEL: 'warn', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
@@ -73,7 +84,7 @@ export class ReceiverProcess {
   }
 
   private static serve(dataDir: string, port: number): Promise<{ child: ChildProcess; port: number; log: () => string }> {
-    const child = spawnCli('receiver', ['serve', '--data', dataDir, '--listen', `127.0.0.1:${port}`], { TIDEMARK_LOG_LEVEL: 'info' }, SERVE_NODE_FLAGS);
+    const child = spawnCli('receiver', ['serve', '--data', dataDir, '--listen', `127.0.0.1:${port}`], { TIDEMARK_LOG_LEVEL: 'info' });
     return new Promise((resolve, reject) => {
       let buffered = '';
       let listening = false;
