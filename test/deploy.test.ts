@@ -27,7 +27,7 @@ describe('systemd units', () => {
     // The unit's command line, with the installed bin and its options pointed at scratch places.
     const bin = join(dir, 'bin', 'tidemark-receiver');
     mkdirSync(join(dir, 'bin'));
-    symlinkSync(join(REPO_ROOT, 'bin', 'tidemark-receiver.js'), bin);
+    symlinkSync(launcherPath('receiver'), bin);
     const data = join(dir, 'data');
     await runJson('receiver', ['init', '--data', data]);
     const args = command.slice(1);
