@@ -16,7 +16,7 @@ import type { BlockTask } from './block-worker.js';
 const MIN_BLOCKS_PER_TASK = 8;
 
 export interface ScannedBlocks {
-  /** xxh3-64 of every block. */
+  /** blockHash of every block. */
   hashes: BigUint64Array;
   /** Indices of the blocks whose hash differed from what was known. */
   changed: number[];
@@ -40,8 +40,8 @@ export class BlockPool {
     return Buffer.from(new SharedArrayBuffer(bytes));
   }
 
-  /** Hashes every block of `data`; ids for the blocks whose hash differs from `known` (all when null). */
-  async scan(data: Buffer, blockBytes: number, known: BigUint64Array | null): Promise<ScannedBlocks> {
+  /** Hashes every block of `data`; ids for the blocks whose hash differs from `known` (all when null; see scanBlocks). */
+  async scan(data: Buffer, blockBytes: number, known: BigUint64Array | null, knownIsLegacy = false): Promise<ScannedBlocks> {
     const shared = asShared(data);
     const count = blockCountOf(shared, blockBytes);
     const parts = this.split(count);
@@ -50,6 +50,7 @@ export class BlockPool {
       data: shared.subarray(from * blockBytes, Math.min(to * blockBytes, shared.length)),
       blockBytes,
       known: known === null ? null : known.slice(from, to),
+      knownIsLegacy,
     } satisfies BlockTask)));
     const hashes = new BigUint64Array(count);
     const changed: number[] = [];

@@ -8,7 +8,7 @@ import type { WorkerReply } from '../shared/worker-pool.js';
 import { scanBlocks, sealBlocks } from './block-work.js';
 
 export type BlockTask =
-  | { op: 'scan'; data: Uint8Array; blockBytes: number; known: BigUint64Array | null }
+  | { op: 'scan'; data: Uint8Array; blockBytes: number; known: BigUint64Array | null; knownIsLegacy: boolean }
   | { op: 'seal'; data: Uint8Array; blockBytes: number; blocks: Uint32Array; ids: Uint8Array };
 
 const port = parentPort!;
@@ -20,7 +20,7 @@ port.on('message', (task: BlockTask) => {
   try {
     const data = Buffer.from(task.data.buffer, task.data.byteOffset, task.data.byteLength);
     if (task.op === 'scan') {
-      const r = scanBlocks(keys, data, task.blockBytes, task.known);
+      const r = scanBlocks(keys, data, task.blockBytes, task.known, task.knownIsLegacy);
       transfer = [r.hashes.buffer, r.changed.buffer, r.zero.buffer, r.ids.buffer] as ArrayBuffer[];
       reply = { ok: true, value: r };
     } else if (task.op === 'seal') {

@@ -225,7 +225,10 @@ class TracefsReplicator {
       : null;
     state.saveTrackingState({ instance: name, inode: instance.inode() });
     state.saveStatus({ tracker: 'tracefs', reason: continuity ? `kernel tracking; ${continuity}` : 'kernel tracking resumed from buffered events' });
-    const needScan = disks.some((d) => !d.record.hasBaseline) ? 'initial' : continuity;
+    const needScan = disks.some((d) => !d.record.hasBaseline) ? 'initial'
+      // Rounds compare with the shipped hashes and write into them: legacy ones must be replaced by a scan first.
+      : disks.some((d) => state.legacyShippedPath(d.record) !== null) ? 'the hash files are upgraded from XXH3-64 to XXH64'
+      : continuity;
     return new TracefsReplicator(opts, instance, disks, needScan, onPoint);
   }
 

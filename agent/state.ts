@@ -2,10 +2,13 @@
 //
 //   DIR/state.db             SQLite: enrollment, disks, the open point, status
 //   DIR/credential           the host credential (0600)
-//   DIR/hashes/D.shipped     xxh3-64 per block of disk D as of the last committed point
-//   DIR/hashes/D.pending     the same for the point being built
+//   DIR/hashes/D.shipped.xxh64   XXH64 per block of disk D as of the last committed point
+//   DIR/hashes/D.pending.xxh64   the same for the point being built
 //
 // 8 bytes per block: 128 MiB for a 1 TiB disk of 64 KiB blocks, read in windows.
+// Agents before the upgrade kept XXH3-64 in DIR/hashes/D.shipped and D.pending
+// (legacy): the first pass of the next sync compares the disk with the legacy
+// file, writes the new one, and the commit removes the legacy files.
 import Database from 'better-sqlite3';
 import { closeSync, copyFileSync, existsSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
@@ -166,7 +169,34 @@ export class AgentState {
   }
 
   hashPath(diskId: number, kind: 'shipped' | 'pending'): string {
+    return join(this.dir, 'hashes', `${diskId}.${kind}.xxh64`);
+  }
+
+  private legacyHashPath(diskId: number, kind: 'shipped' | 'pending'): string {
     return join(this.dir, 'hashes', `${diskId}.${kind}`);
+  }
+
+  /** The legacy (XXH3-64) hashes of the last point, while they are all this disk has; else null. */
+  legacyShippedPath(d: DiskRecord): string | null {
+    const legacy = this.legacyHashPath(d.diskId, 'shipped');
+    return d.hasBaseline && !existsSync(this.hashPath(d.diskId, 'shipped')) && existsSync(legacy) ? legacy : null;
+  }
+
+  /**
+   * A point committed while its hashes were still pending (the agent stopped
+   * before recording the commit): those hashes describe the point exactly and
+   * become the shipped ones. False when there are none.
+   */
+  adoptPending(diskId: number): boolean {
+    if (existsSync(this.hashPath(diskId, 'pending'))) {
+      this.promotePending(diskId);
+      return true;
+    }
+    // Left by an agent before the upgrade: still legacy hashes, so they become the legacy shipped ones.
+    if (!existsSync(this.legacyHashPath(diskId, 'pending'))) return false;
+    renameSync(this.legacyHashPath(diskId, 'pending'), this.legacyHashPath(diskId, 'shipped'));
+    fsyncDir(join(this.dir, 'hashes'));
+    return true;
   }
 
   /** Starts a point: the pending hashes begin as the shipped ones (or `fill` when there is no baseline). */
@@ -181,11 +211,18 @@ export class AgentState {
   promotePending(diskId: number): void {
     renameSync(this.hashPath(diskId, 'pending'), this.hashPath(diskId, 'shipped'));
     fsyncDir(join(this.dir, 'hashes'));
+    this.dropLegacyHashes(diskId); // after the new hashes are durable: a crash before leaves both, and the new win
   }
 
   dropHashes(diskId: number): void {
     rmSync(this.hashPath(diskId, 'pending'), { force: true });
     rmSync(this.hashPath(diskId, 'shipped'), { force: true });
+    this.dropLegacyHashes(diskId);
+  }
+
+  private dropLegacyHashes(diskId: number): void {
+    rmSync(this.legacyHashPath(diskId, 'pending'), { force: true });
+    rmSync(this.legacyHashPath(diskId, 'shipped'), { force: true });
   }
 }
 

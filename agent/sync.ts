@@ -1,5 +1,5 @@
 // One sync cycle by hash scan (SPEC §8): read every block of every protected
-// disk, ship the blocks whose xxh3 differs from what the last point holds,
+// disk, ship the blocks whose hash differs from what the last point holds,
 // and commit one recovery point covering all disks.
 //
 // Crash consistency by convergence: a pass is trusted only if no disk was
@@ -121,7 +121,7 @@ async function syncAttempt(opts: SyncOptions, pool: BlockPool): Promise<SyncResu
     const begun = await conn.request('point.begin', { resume: state.openPointId() });
     for (const { target, fill, resumable } of registered) {
       if (begun.resumeCommitted && resumable) adoptCommittedPending(state, target.record);
-      if (begun.resumed && resumable) continue;
+      if (begun.resumed && resumable && existsSync(state.hashPath(target.record.diskId, 'pending'))) continue;
       target.record.watermark = 0;
       state.saveDisk(target.record);
       state.startPending(target.record, target.blockCount, target.record.hasBaseline ? UNKNOWN_HASH : fill);
@@ -143,7 +143,7 @@ async function syncAttempt(opts: SyncOptions, pool: BlockPool): Promise<SyncResu
       const phase = initial ? (passes === 0 ? 'initial sync' : 'initial sync (converging)') : passes === 0 ? 'incremental sync' : 'incremental sync (converging)';
       state.saveStatus({ state: initial ? 'InitialSync' : 'Replicating', reason: phase });
       void reportStatus(conn, state);
-      await scanPass(conn, opts, pool, begun.pointId, targets, fromWatermark, phase, totals);
+      await scanPass(conn, opts, pool, begun.pointId, targets, passes === 0, fromWatermark, phase, totals);
       cutMs = Date.now();
       passes++;
       consistent = !fromWatermark && changeCounters(paths).every((c, i) => c === before[i]);
@@ -177,8 +177,7 @@ async function syncAttempt(opts: SyncOptions, pool: BlockPool): Promise<SyncResu
  * before recording it: its pending hashes describe that point exactly.
  */
 function adoptCommittedPending(state: AgentState, record: DiskRecord): void {
-  if (!existsSync(state.hashPath(record.diskId, 'pending'))) return;
-  state.promotePending(record.diskId);
+  if (!state.adoptPending(record.diskId)) return;
   record.hasBaseline = true;
   record.watermark = 0;
   state.saveDisk(record);
@@ -202,7 +201,7 @@ export async function registerDisk(conn: ReceiverConnection, state: AgentState, 
 }
 
 async function scanPass(
-  conn: ReceiverConnection, opts: SyncOptions, pool: BlockPool, pointId: number, targets: Target[], fromWatermark: boolean, phase: string, totals: Totals,
+  conn: ReceiverConnection, opts: SyncOptions, pool: BlockPool, pointId: number, targets: Target[], firstPass: boolean, fromWatermark: boolean, phase: string, totals: Totals,
 ): Promise<void> {
   const start = (t: Target) => (fromWatermark ? t.record.watermark : 0);
   const progress = new Progress(phase, targets.reduce((sum, t) => sum + Math.max(0, t.record.sizeBytes - start(t) * t.record.blockBytes), 0));
@@ -220,7 +219,9 @@ async function scanPass(
     }
   };
   for (const target of targets) {
-    await scanDisk(conn, opts, pool, pointId, target, start(target), totals, onBatchDone);
+    // The first pass compares with the last point's hashes: legacy ones, if that is all the disk has.
+    const legacyPath = firstPass ? opts.state.legacyShippedPath(target.record) : null;
+    await scanDisk(conn, opts, pool, pointId, target, start(target), legacyPath, totals, onBatchDone);
   }
   reporter.report(progress, true);
   reporter.done();
@@ -235,17 +236,20 @@ async function scanPass(
  */
 async function scanDisk(
   conn: ReceiverConnection, opts: SyncOptions, pool: BlockPool, pointId: number, target: Target, startBlock: number,
-  totals: Totals, onBatchDone: (bytes: number) => void,
+  legacyPath: string | null, totals: Totals, onBatchDone: (bytes: number) => void,
 ): Promise<void> {
   const { record } = target;
   const batchBlocks = Math.max(1, Math.floor(READ_BATCH_BYTES / record.blockBytes));
   const slabs = new SlabPool(pool.size + READ_AHEAD_BATCHES, batchBlocks * record.blockBytes);
   const hashes = HashFile.open(opts.state.hashPath(record.diskId, 'pending'));
+  // Compared with instead of the pending hashes, which hold nothing of the last point yet (SPEC §7).
+  let legacy: HashFile | undefined;
   const watermark = new ResumeWatermark(hashes, opts.state, record.path);
   const batches: Array<Promise<void>> = [];
   let failed = false;
   let reader: DiskReader | undefined;
   try {
+    legacy = legacyPath === null ? undefined : HashFile.open(legacyPath);
     reader = await DiskReader.open(record.path, batchBlocks * record.blockBytes);
     let previous: Promise<void> = Promise.resolve();
     const nextTurn = shipTurns();
@@ -264,12 +268,12 @@ async function scanDisk(
         throw err;
       }
       const batchFirst = first;
-      const known = hashes.read(batchFirst, blockCountOf(data, record.blockBytes));
+      const known = (legacy ?? hashes).read(batchFirst, blockCountOf(data, record.blockBytes));
       const before = previous;
       const turn = nextTurn();
       const batch = (async () => {
         try {
-          const scanned = await pool.scan(data, record.blockBytes, known);
+          const scanned = await pool.scan(data, record.blockBytes, known, legacy !== undefined);
           if (scanned.changed.length > 0) {
             const changedBytes = await shipBlocks(conn, pool, pointId, record, (i) => batchFirst + i, data, scanned, totals, turn);
             target.changedBytes += changedBytes;
@@ -299,6 +303,7 @@ async function scanDisk(
       if (!failure) throw err; // the batch's own failure is the one to report
     } finally {
       hashes.close();
+      legacy?.close();
       await reader?.close();
     }
     if (failure) throw failure.reason;

@@ -49,7 +49,7 @@ export function lz4Cli(path: string, bytes: number): Timed {
 
 /**
  * The agent's own per-block work (agent/block-work.ts: a zero test of every
- * block, then xxh3, the keyed id, lz4 and AES-GCM of every non-zero one) on one
+ * block, then its hash, the keyed id, lz4 and AES-GCM of every non-zero one) on one
  * core of this process, the image read from the page cache: what one worker
  * thread can do before transport, storage and the receiver take their share.
  */

@@ -27,6 +27,7 @@ import { basename, join } from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import Database from 'better-sqlite3';
+import { xxh3 } from '@node-rs/xxhash';
 import { readPeakRssBytes } from '../bench/proc-watch.js';
 import { Deployment, runJson, spawnCli, tempDir } from '../test/harness.js';
 import { makePrng, sha256File } from '../test/fixtures.js';
@@ -811,6 +812,45 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
       const firstConsistent = second.points.find((p) => p.run === 2 && p.crashConsistent && p !== second.points.at(-1));
       for (const p of firstConsistent && !points.includes(firstConsistent) ? [firstConsistent, ...points] : points) await checkPoint(d, c, p);
       assert.ok(points.length >= 2, `need at least 2 crash-consistent points after the restart under load, got ${points.length}`);
+    }, t);
+  });
+
+  it('an agent upgraded over legacy (XXH3-64) hash files resyncs against them first, ships only what changed, and later points are correct', { timeout: 150_000 }, async (t) => {
+    await inLab('legacy', async (lab) => {
+      const host = 'cont-legacy';
+      const { disk, stateDir, agent: first } = await startCase(t, lab, host, 64);
+      const workload = new Workload(lab, { dir: disk.mnt }, 16);
+      const c: CaseContext = { t, lab, host, disk, workload };
+      await first.waitForPoint((p) => Date.parse(p.time) > workload.startedMs + 2000, 20_000, 'point 2 s into the load');
+      // SIGKILL leaves the tracefs instance with its buffered events: without the upgrade rule the
+      // restarted agent would go on from them, with rounds writing XXH64 into a legacy file.
+      assert.deepEqual(await first.stop('SIGKILL'), { code: null, signal: 'SIGKILL' });
+      const stoppedMs = Date.now();
+      // What an agent before the upgrade leaves (SPEC §7): XXH3-64 of every block of its last point, in <diskId>.shipped.
+      const db = new Database(join(stateDir, 'state.db'), { readonly: true });
+      const { disk_id: diskId, block_bytes: blockBytes } = db.prepare('SELECT disk_id, block_bytes FROM disk').get() as { disk_id: number; block_bytes: number };
+      db.close();
+      const last = first.points.at(-1)!;
+      const image = join(lab.dir, `point-${last.pointId}.img`);
+      await d.restore(host, disk.device, last.pointId, image);
+      const content = readFileSync(image);
+      rmSync(image);
+      const blockCount = Math.ceil(content.length / blockBytes);
+      const legacy = BigUint64Array.from({ length: blockCount }, (_, i) => xxh3.xxh64(content.subarray(i * blockBytes, (i + 1) * blockBytes)));
+      const hashes = join(stateDir, 'hashes');
+      writeFileSync(join(hashes, `${diskId}.shipped`), legacy);
+      rmSync(join(hashes, `${diskId}.shipped.xxh64`));
+
+      const second = new AgentRun(lab, stateDir, [disk.device], 2, first.points);
+      second.instance = first.instance;
+      const upgrade = await second.waitForPoint((p) => p.run === 2, 60_000, 'first point after the upgrade');
+      t.diagnostic(`after the upgrade: point ${upgrade.pointId} mode ${upgrade.mode}, ${upgrade.blocksChanged} of ${blockCount} blocks changed`);
+      assert.equal(upgrade.mode, 'resync', 'rounds write into the shipped hashes: legacy ones must be replaced by a hash scan first');
+      assert.ok(Number(upgrade.blocksChanged) < blockCount / 2, `the scan compared with the legacy hashes, not with nothing: ${upgrade.blocksChanged} of ${blockCount} blocks shipped`);
+      assert.ok(!existsSync(join(hashes, `${diskId}.shipped`)) && existsSync(join(hashes, `${diskId}.shipped.xxh64`)), `hash files after the upgrade: ${readdirSync(hashes).join(', ')}`);
+      await second.waitForPoint((p) => p.run === 2 && p.mode === 'incremental', 30_000, 'a tracefs point after the upgrade');
+      await finish(d, c, second);
+      for (const p of loadPoints(second, workload, stoppedMs, 2, t, [2])) await checkPoint(d, c, p);
     }, t);
   });
 

@@ -1,7 +1,8 @@
 // End to end through real processes: receiver, agent and restore CLIs on loopback.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFileSync, readdirSync, readFileSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { xxh3, xxh64 } from '@node-rs/xxhash';
 import { join } from 'node:path';
 import { ReceiverConnection } from '../shared/connection.js';
 import { createLogger } from '../shared/log.js';
@@ -196,13 +197,13 @@ describe('agent stopped between the commit reply and recording it', () => {
     await d.syncOnce('theta', [disk]);
     const { default: Database } = await import('better-sqlite3');
     const diskId = (new Database(join(state, 'state.db')).prepare('SELECT disk_id FROM disk').get() as { disk_id: number }).disk_id;
-    const shipped = join(state, 'hashes', `${diskId}.shipped`);
+    const shipped = join(state, 'hashes', `${diskId}.shipped.xxh64`);
     const hashesOfPoint1 = readFileSync(shipped);
 
     await changeBlocks(disk, 64 * 1024, 3, 9);
     const second = await d.syncOnce('theta', [disk]);
     // The crash: point 2 committed on the receiver, but the agent still believes it open.
-    copyFileSync(shipped, join(state, 'hashes', `${diskId}.pending`));
+    copyFileSync(shipped, join(state, 'hashes', `${diskId}.pending.xxh64`));
     writeFileSync(shipped, hashesOfPoint1);
     const db = new Database(join(state, 'state.db'));
     db.prepare(`INSERT OR REPLACE INTO config (key, value) VALUES ('openPointId', ?)`).run(String(second.pointId));
@@ -306,5 +307,39 @@ describe('the agent\'s state, seen from the receiver', () => {
     assert.equal(synced.syncing, false);
     assert.equal(synced.lastPoint.id, lastEvent(result.stdout, 'point').pointId);
     assert.ok(Date.parse(synced.reportedAt) >= Date.parse(during.reportedAt));
+  });
+});
+
+describe('hash files written before the XXH64 upgrade', () => {
+  let d: Deployment;
+  after(() => d?.close());
+
+  // The legacy file is what agents before the upgrade wrote (SPEC §7): XXH3-64 per block, same layout.
+  it('are compared once by their own hash, replaced by XXH64 files, and nothing unchanged is shipped', async () => {
+    d = await Deployment.start();
+    const state = await d.enroll('iota');
+    const disk = join(d.root, 'iota.img');
+    await writeMixedImage(disk, 4 * MiB, 11);
+    await d.syncOnce('iota', [disk]);
+    const { default: Database } = await import('better-sqlite3');
+    const db = new Database(join(state, 'state.db'), { readonly: true });
+    const diskId = (db.prepare('SELECT disk_id FROM disk').get() as { disk_id: number }).disk_id;
+    db.close();
+    const hashFile = (name: string) => join(state, 'hashes', name);
+    const hashesOf = (image: Buffer, hash: (block: Buffer) => bigint) =>
+      BigUint64Array.from({ length: image.length / BLOCK }, (_, i) => hash(image.subarray(i * BLOCK, (i + 1) * BLOCK)));
+    writeFileSync(hashFile(`${diskId}.shipped`), hashesOf(readFileSync(disk), (b) => xxh3.xxh64(b)));
+    rmSync(hashFile(`${diskId}.shipped.xxh64`));
+
+    const changed = await changeBlocks(disk, BLOCK, 2, 12);
+    const upgrade = await d.syncOnce('iota', [disk]);
+    assert.equal(upgrade.blocksChanged, changed.length, 'only the blocks written since the last point are shipped');
+    assert.ok(!existsSync(hashFile(`${diskId}.shipped`)), 'the legacy hash file is gone after the commit');
+    assert.deepEqual(new BigUint64Array(new Uint8Array(readFileSync(hashFile(`${diskId}.shipped.xxh64`))).buffer), hashesOf(readFileSync(disk), (b) => xxh64(b)));
+
+    assert.equal((await d.syncOnce('iota', [disk])).blocksChanged, 0, 'the next sync compares with the new file');
+    const out = join(d.root, 'iota-restored.img');
+    await d.restore('iota', disk, upgrade.pointId, out);
+    assert.equal(await sha256File(out), await sha256File(disk));
   });
 });

@@ -5,7 +5,7 @@ import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
-import { xxh3 } from '@node-rs/xxhash';
+import { xxh3, xxh64 } from '@node-rs/xxhash';
 import { BlockPool } from '../../agent/block-pool.js';
 import { SlabPool } from '../../agent/slab-pool.js';
 import { VaultKeys, chunkId, openChunk } from '../../shared/chunk-crypto.js';
@@ -48,7 +48,7 @@ describe('block pool', () => {
     try {
       const data = sampleData();
       const count = Math.ceil(data.length / BLOCK);
-      const expected = Array.from({ length: count }, (_, i) => xxh3.xxh64(blockAt(data, i)));
+      const expected = Array.from({ length: count }, (_, i) => xxh64(blockAt(data, i)));
 
       const all = await pool.scan(data, BLOCK, null);
       assert.deepEqual([...all.hashes], expected);
@@ -67,15 +67,24 @@ describe('block pool', () => {
       assert.deepEqual(some.changed, moved);
       assert.deepEqual(some.ids, moved.map((b) => chunkId(keys, blockAt(data, b))));
 
+      // Legacy known hashes (XXH3-64, before the upgrade) are compared as such; the hashes returned are XXH64.
+      const legacy = BigUint64Array.from({ length: count }, (_, i) => xxh3.xxh64(blockAt(data, i)));
+      for (const b of moved) legacy[b] = 12345n;
+      const upgraded = await pool.scan(data, BLOCK, legacy, true);
+      assert.deepEqual(upgraded.changed, moved, 'a block is changed only where its legacy hash differs');
+      assert.deepEqual([...upgraded.hashes], expected);
+
       const toSeal = all.changed.filter((_, n) => all.ids[n] !== null);
       const ids = all.ids.filter((id): id is Buffer => id !== null);
       const envelopes = await pool.seal(data, BLOCK, toSeal, ids);
       assert.equal(envelopes.length, toSeal.length);
       envelopes.forEach((envelope, n) => assert.deepEqual(openChunk(keys, ids[n]!, envelope, BLOCK), blockAt(data, toSeal[n]!)));
 
-      // Zero blocks are recognised without hashing them; their hash is still xxh3's, for a short last block too.
+      // Zero blocks are recognised without hashing them; their hash is still XXH64's, for a short last block too.
       const zeroScan = await pool.scan(BlockPool.sharedBuffer(BLOCK + 1000), BLOCK, null);
-      assert.deepEqual([...zeroScan.hashes], [xxh3.xxh64(Buffer.alloc(BLOCK)), xxh3.xxh64(Buffer.alloc(1000))]);
+      assert.deepEqual([...zeroScan.hashes], [xxh64(Buffer.alloc(BLOCK)), xxh64(Buffer.alloc(1000))]);
+      const legacyZeros = BigUint64Array.of(xxh3.xxh64(Buffer.alloc(BLOCK)), xxh3.xxh64(Buffer.alloc(1000)));
+      assert.deepEqual((await pool.scan(BlockPool.sharedBuffer(BLOCK + 1000), BLOCK, legacyZeros, true)).changed, [], 'zero blocks match their legacy hash');
       assert.deepEqual(zeroScan.ids, [null, null]);
     } finally {
       await pool.close();
