@@ -38,15 +38,18 @@ export function legacyBlockHash(block: Buffer): bigint {
   return xxh3.xxh64(block);
 }
 
-const zeroHashes = new Map<string, bigint>();
-
-/** The hash of an all-zero block of `bytes` bytes. */
-export function zeroHash(bytes: number, hash: (block: Buffer) => bigint = blockHash): bigint {
-  const key = `${hash.name}:${bytes}`;
-  let value = zeroHashes.get(key);
-  if (value === undefined) zeroHashes.set(key, (value = hash(Buffer.alloc(bytes))));
-  return value;
+/** `hash` of an all-zero block of a given size, computed once per size: zero blocks are never hashed. */
+function zeroHashOf(hash: (block: Buffer) => bigint): (bytes: number) => bigint {
+  const bySize = new Map<number, bigint>();
+  return (bytes) => {
+    let value = bySize.get(bytes);
+    if (value === undefined) bySize.set(bytes, (value = hash(Buffer.alloc(bytes))));
+    return value;
+  };
 }
+
+export const zeroHash = zeroHashOf(blockHash);
+const legacyZeroHash = zeroHashOf(legacyBlockHash);
 
 export function blockOf(data: Buffer, index: number, blockBytes: number): Buffer {
   return data.subarray(index * blockBytes, Math.min((index + 1) * blockBytes, data.length));
@@ -75,7 +78,7 @@ export function scanBlocks(keys: Pick<ChunkKeys, 'idKey'>, data: Buffer, blockBy
     // A zero test is a memcmp, far cheaper than hashing: unused space costs almost nothing to scan.
     isZero[i] = isZeroBlock(block) ? 1 : 0;
     hashes[i] = isZero[i] ? zeroHash(block.length) : blockHash(block);
-    const comparable = !knownIsLegacy ? hashes[i] : isZero[i] ? zeroHash(block.length, legacyBlockHash) : legacyBlockHash(block);
+    const comparable = !knownIsLegacy ? hashes[i] : isZero[i] ? legacyZeroHash(block.length) : legacyBlockHash(block);
     if (known === null || comparable !== known[i]) changed.push(i);
   }
   const zero = new Uint8Array(changed.length);
