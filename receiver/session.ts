@@ -7,7 +7,7 @@ import type WebSocket from 'ws';
 import { checkEnvelopeShape } from '../shared/chunk-crypto.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
-import { MAX_BLOCK_BYTES, MAX_POINTS_PAGE, decodeRequest, errorFrame, okFrame, peekRid, type Request } from '../shared/protocol.js';
+import { MAX_BLOCK_BYTES, MAX_GET_REPLY_BYTES, MAX_POINTS_PAGE, decodeRequest, errorFrame, okFrame, peekRid, type Request } from '../shared/protocol.js';
 import type { Catalog, Principal } from './catalog.js';
 import type { ChunkStore } from './pack-store.js';
 import { checkVaultProof, enrollWithProof } from './vault-proof.js';
@@ -113,6 +113,8 @@ export class Session {
       }
       case 'chunk.get':
         return { data: await this.ctx.store.get(vaultId, req.id) };
+      case 'chunks.get':
+        return { data: await this.readChunks(vaultId, req.ids) };
     }
 
     if (p.role !== 'agent') throw new TidemarkError('E_FORBIDDEN', `${req.t}: restore credentials are read-only`);
@@ -144,6 +146,24 @@ export class Session {
         return {};
     }
     throw new TidemarkError('E_PROTOCOL', `unexpected message ${(req as Request).t}`);
+  }
+
+  /**
+   * The envelopes of a prefix of `ids`: reading stops before the reply would pass
+   * MAX_GET_REPLY_BYTES, or at a chunk that cannot be read. Only the first id's
+   * failure is an error reply, so the client, asking again from the first id not
+   * returned, gets each chunk's error for that chunk.
+   */
+  private async readChunks(vaultId: string, ids: Buffer[]): Promise<Buffer[]> {
+    const envelopes: Buffer[] = [];
+    let bytes = 0;
+    for (const id of ids) {
+      const envelope = envelopes.length === 0 ? await this.ctx.store.get(vaultId, id) : await this.ctx.store.get(vaultId, id).catch(() => null);
+      if (!envelope || (envelopes.length > 0 && bytes + envelope.length > MAX_GET_REPLY_BYTES)) break;
+      envelopes.push(envelope);
+      bytes += envelope.length;
+    }
+    return envelopes;
   }
 
   private afterReceived<T>(work: () => T): Promise<T> {

@@ -23,11 +23,14 @@ export const MAX_IDS_PER_QUERY = 4096;
 export const MAX_BLOCKS_PER_PUT = 8192;
 export const MAX_MAP_PAGE = 8192;
 export const MAX_POINTS_PAGE = 1000;
+export const MAX_IDS_PER_GET = 64;
+/** A chunks.get reply carries at most this many envelope bytes (and at least one envelope), so it always fits a frame. */
+export const MAX_GET_REPLY_BYTES = MAX_BLOCK_BYTES + CHUNK_OVERHEAD_BYTES;
 export const MAX_REASON_CHARS = 1000;
 /** The states of a protected host (DESIGN §1), as the agent reports them. */
 export const HOST_STATES = ['Initialized', 'Scanning', 'InitialSync', 'Replicating', 'Resyncing', 'Error'] as const;
 export type HostState = (typeof HOST_STATES)[number];
-/** Largest legal frame: a chunk.put of a maximal block, plus msgpack framing. */
+/** Largest legal frame: a chunk.put of a maximal block (or a full chunks.get reply), plus msgpack framing. */
 export const MAX_FRAME_BYTES = MAX_BLOCK_BYTES + CHUNK_OVERHEAD_BYTES + 1024;
 
 const packr = new Packr({ useRecords: false, mapsAsObjects: true, int64AsType: 'number' });
@@ -66,6 +69,7 @@ export const requestSchemas = {
   'points.list': z.object({ t: z.literal('points.list'), rid, host: name.nullable(), afterId: uint.nullable() }),
   'point.map': z.object({ t: z.literal('point.map'), rid, pointId: uint, diskId: uint, fromBlock: uint, limit: z.number().int().min(1).max(MAX_MAP_PAGE) }),
   'chunk.get': z.object({ t: z.literal('chunk.get'), rid, id: id32 }),
+  'chunks.get': z.object({ t: z.literal('chunks.get'), rid, ids: z.array(id32).min(1).max(MAX_IDS_PER_GET) }),
   'status.report': z.object({
     t: z.literal('status.report'), rid, state: z.enum(HOST_STATES), reason: z.string().max(MAX_REASON_CHARS).nullable(),
     tracker: z.enum(['tracefs', 'scan']).nullable(), backlogBytes: uint, bytesPerSecond: uint,
@@ -101,6 +105,8 @@ export const replySchemas = {
   'points.list': z.object({ points: z.array(pointSchema).max(MAX_POINTS_PAGE), next: uint.nullable() }),
   'point.map': z.object({ blocks: z.array(uint), ids: z.array(id32), next: uint.nullable() }),
   'chunk.get': z.object({ data: bin }),
+  /** Envelopes of a prefix of the ids asked for, in their order (SPEC §3.4). */
+  'chunks.get': z.object({ data: z.array(bin).min(1).max(MAX_IDS_PER_GET) }),
   'status.report': z.object({}),
 } satisfies Record<RequestType, z.ZodType>;
 

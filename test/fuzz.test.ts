@@ -250,6 +250,8 @@ describe('hostile input', () => {
             req: { t: 'point.map', pointId: fuzz.point.id, diskId: victim.diskId, fromBlock: r.int(100), limit: 8192 } }),
           () => ({ name: 'chunk.get of another vault\'s or an unknown chunk', codes: ['E_NOT_FOUND'],
             req: { t: 'chunk.get', id: r.bool() ? r.pick(victim.chunkIds) : randomId() } }),
+          () => ({ name: 'chunks.get of another vault\'s or unknown chunks', codes: ['E_NOT_FOUND'],
+            req: { t: 'chunks.get', ids: foreignIds() } }),
           () => { const ids = foreignIds(); return { name: 'chunks.query of another vault\'s chunks', req: { t: 'chunks.query', ids },
             ok: (reply) => assert.deepEqual(reply.missing, ids.map((_, i) => i), 'another vault\'s chunks are missing in this vault') }; },
           () => ({ name: 'points.list of another host', codes: ['E_FORBIDDEN'], req: { t: 'points.list', host: 'victim', afterId: null } }),
@@ -321,6 +323,7 @@ describe('hostile input', () => {
         () => ({ t: 'points.list', host: null, afterId: null }),
         () => ({ t: 'point.map', pointId: fuzz.point.id, diskId: fuzz.diskId, fromBlock: 0, limit: 10 }),
         () => ({ t: 'chunk.get', id: id() }),
+        () => ({ t: 'chunks.get', ids: [id(), id()] }),
       ])();
     };
     type Frame = { name: string; send: (ws: RawWs) => void; expect: 'fatal' | 'reply' | 'close' | 'text' | 'oversized'; rid?: number };

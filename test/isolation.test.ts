@@ -184,6 +184,12 @@ describe('isolation between hosts and vaults', () => {
     const c = await session(creds['host-c']!, keysC);
     try {
       for (const id of sample) assertError(await c.request('chunk.get', { id }), 'E_NOT_FOUND', /not stored in this vault/);
+      assertError(await c.request('chunks.get', { ids: sample }), 'E_NOT_FOUND', /not stored in this vault/);
+      // C's own chunk first: the reply stops before A's.
+      const idsOfC: Buffer[] = (await c.request('point.map', { pointId: synced['host-c'].pointId, diskId: diskIds['host-c'], fromBlock: 0, limit: 8192 })).ids;
+      const mixed = await c.request('chunks.get', { ids: [idsOfC[0], ...sample] });
+      assert.equal(mixed.t, 'ok', mixed.message);
+      assert.equal(mixed.data.length, 1);
       const query = await c.request('chunks.query', { ids: idsOfA });
       assert.deepEqual(query.missing, idsOfA.map((_, i) => i), 'every chunk of A is missing from C\'s vault');
       const open = await c.request('point.begin', { resume: null });
@@ -201,6 +207,7 @@ describe('isolation between hosts and vaults', () => {
     const r = await session(d.restoreToken, keysC);
     try {
       for (const id of sample) assertError(await r.request('chunk.get', { id }), 'E_NOT_FOUND');
+      assertError(await r.request('chunks.get', { ids: sample }), 'E_NOT_FOUND');
     } finally {
       r.close();
     }
