@@ -19,7 +19,8 @@ import { fsyncDir } from '../shared/fs-util.js';
 import { Progress, ProgressReporter } from '../shared/progress.js';
 import type { PointInfo } from '../shared/protocol.js';
 import { diskFileStems } from './disk-file-name.js';
-import { readPointBlocks, type FetchStats, type PointDisk } from './point-blocks.js';
+import type { FetchStats } from './chunk-fetcher.js';
+import { readPointBlocks, type PointDisk } from './point-blocks.js';
 import { withSignalCleanup } from './signal-cleanup.js';
 
 export const MANIFEST_NAME = 'manifest.json';

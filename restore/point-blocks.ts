@@ -1,12 +1,14 @@
 // The blocks of one disk at a recovery point, in block order: pages through
 // the point's block map (point.map) and fetches the chunks that are wanted
-// (chunk.get), a bounded number at a time, each checked before it is handed
-// out (GCM tag, keyed id, the block's length). Disk restore, failback and
-// export all read a point through this one iterator.
+// (chunks.get, batched by restore/chunk-fetcher.ts), a bounded number ahead,
+// each checked before it is handed out (GCM tag, keyed id, the block's
+// length). Disk restore, failback and export all read a point through this
+// one iterator.
 import { openChunk, type VaultKeys } from '../shared/chunk-crypto.js';
 import type { ReceiverConnection } from '../shared/connection.js';
 import { TidemarkError } from '../shared/errors.js';
 import { MAX_MAP_PAGE, type PointInfo } from '../shared/protocol.js';
+import { ChunkFetcher, type FetchStats } from './chunk-fetcher.js';
 
 export type PointDisk = PointInfo['disks'][number];
 
@@ -37,11 +39,6 @@ export interface ReadPointOptions {
    * false leaves the block unfetched. Default: every block is wanted.
    */
   want?: (block: MapBlock) => boolean | Promise<boolean>;
-}
-
-/** What the iterator fetched: envelope bytes received. */
-export interface FetchStats {
-  bytesFetched: number;
 }
 
 export function findDisk(point: PointInfo, diskName: string): PointDisk {
@@ -105,15 +102,13 @@ async function* everyBlock(entries: AsyncGenerator<MapBlock>, disk: PointDisk): 
 export async function* readPointBlocks(
   conn: ReceiverConnection, keys: VaultKeys, point: PointInfo, disk: PointDisk, stats: FetchStats, options: ReadPointOptions = {},
 ): AsyncGenerator<PointBlock> {
+  const fetcher = new ChunkFetcher(conn, disk.blockBytes, stats);
   const fetching = new Map<string, Promise<Buffer>>();
   const fetchChunk = (id: Buffer): Promise<Buffer> => {
     const hex = id.toString('hex');
     let plaintext = fetching.get(hex);
     if (!plaintext) {
-      plaintext = conn.request('chunk.get', { id }).then(({ data }) => {
-        stats.bytesFetched += data.length;
-        return openChunk(keys, id, data, disk.blockBytes);
-      });
+      plaintext = fetcher.get(id).then((envelope) => openChunk(keys, id, envelope, disk.blockBytes));
       fetching.set(hex, plaintext);
     }
     return plaintext;

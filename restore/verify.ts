@@ -11,8 +11,10 @@ import { printJson } from '../shared/cli-util.js';
 import { Progress, ProgressReporter } from '../shared/progress.js';
 import { MAX_MAP_PAGE, type PointInfo } from '../shared/protocol.js';
 import { formatBytes } from '../shared/units.js';
+import { ChunkFetcher } from './chunk-fetcher.js';
 
-const FETCH_CONCURRENCY = 16;
+/** Chunks fetched and opened at once: enough to fill a few chunks.get batches. */
+const FETCH_CONCURRENCY = 64;
 /** Codes that mean "this chunk is bad" rather than "the check could not run". */
 const DAMAGE_CODES = new Set(['E_INTEGRITY', 'E_NOT_FOUND', 'E_PROTOCOL']);
 
@@ -68,6 +70,7 @@ export async function verifyPoints(conn: ReceiverConnection, keys: VaultKeys, po
       const blockCount = Math.ceil(disk.sizeBytes / disk.blockBytes);
       const ref: AffectedPoint = { host: point.host, pointId: point.id, disk: disk.name };
       const refKey = `${point.host}\0${point.id}\0${disk.name}`;
+      const fetcher = new ChunkFetcher(conn, disk.blockBytes, report);
       let from: number | null = 0;
       while (from !== null && from < blockCount) {
         const page: Awaited<ReturnType<typeof conn.request<'point.map'>>> =
@@ -86,9 +89,7 @@ export async function verifyPoints(conn: ReceiverConnection, keys: VaultKeys, po
         await runWithConcurrency(unseen, FETCH_CONCURRENCY, async (key) => {
           const id = Buffer.from(key, 'latin1');
           try {
-            const { data } = await conn.request('chunk.get', { id });
-            report.bytesFetched += data.length;
-            seen.set(key, openChunk(keys, id, data, disk.blockBytes).length);
+            seen.set(key, openChunk(keys, id, await fetcher.get(id), disk.blockBytes).length);
           } catch (err) {
             const error = asTidemarkError(err);
             if (!DAMAGE_CODES.has(error.code) || !conn.isOpen) throw error;
