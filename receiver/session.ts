@@ -7,7 +7,7 @@ import type WebSocket from 'ws';
 import { checkEnvelopeShape } from '../shared/chunk-crypto.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
-import { MAX_BLOCK_BYTES, MAX_GET_REPLY_BYTES, MAX_POINTS_PAGE, decodeRequest, errorFrame, okFrame, peekRid, type Request } from '../shared/protocol.js';
+import { MAX_BLOCK_BYTES, MAX_GET_REPLY_BYTES, MAX_POINTS_PAGE, chunksReplyFrame, decodeRequest, errorFrame, okFrame, peekRid, type Request } from '../shared/protocol.js';
 import type { Catalog, Principal } from './catalog.js';
 import type { ChunkStore } from './pack-store.js';
 import { checkVaultProof, enrollWithProof } from './vault-proof.js';
@@ -57,7 +57,7 @@ export class Session {
     this.handle(request)
       .then((body) => {
         if (request.t === 'point.commit') storageAlarm(this.ctx.log).succeeded();
-        this.send(okFrame(request.rid, body));
+        this.send(request.t === 'chunks.get' ? chunksReplyFrame(request.rid, (body as { data: Buffer[] }).data) : okFrame(request.rid, body));
       })
       .catch((err) => {
         const error = asTidemarkError(err, { storage: 'receiver' });

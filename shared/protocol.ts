@@ -179,3 +179,29 @@ export function errorFrame(ridValue: number | null, err: TidemarkError): Buffer 
 export function okFrame(ridValue: number, body: object): Buffer {
   return encodeFrame({ ...body, t: 'ok', rid: ridValue });
 }
+
+/** {t: 'ok', rid: uint32, data: array16}: the head of a chunks.get reply, rid and count filled in per reply. */
+const CHUNKS_REPLY_HEAD = Buffer.from('83' + 'a174' + 'a26f6b' + 'a3726964' + 'ce00000000' + 'a464617461' + 'dc0000', 'hex');
+const CHUNKS_REPLY_RID_AT = 11;
+const CHUNKS_REPLY_COUNT_AT = 21;
+const BIN32_HEAD_BYTES = 5;
+
+/**
+ * okFrame(rid, {data: envelopes}) for a chunks.get reply, written directly: the
+ * same msgpack map, but each envelope copied once. msgpackr copied a ~1 MiB
+ * reply through buffers it grew as it went, which cost the receiver more than
+ * reading the chunks (~0.6 CPU-s per GiB restored).
+ */
+export function chunksReplyFrame(ridValue: number, envelopes: Buffer[]): Buffer {
+  const frame = Buffer.allocUnsafe(CHUNKS_REPLY_HEAD.length + envelopes.reduce((sum, e) => sum + BIN32_HEAD_BYTES + e.length, 0));
+  CHUNKS_REPLY_HEAD.copy(frame);
+  frame.writeUInt32BE(ridValue, CHUNKS_REPLY_RID_AT);
+  frame.writeUInt16BE(envelopes.length, CHUNKS_REPLY_COUNT_AT);
+  let at = CHUNKS_REPLY_HEAD.length;
+  for (const envelope of envelopes) {
+    frame[at] = 0xc6;
+    frame.writeUInt32BE(envelope.length, at + 1);
+    at += BIN32_HEAD_BYTES + envelope.copy(frame, at + BIN32_HEAD_BYTES);
+  }
+  return frame;
+}

@@ -1,6 +1,7 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { decodeReply, decodeRequest, encodeFrame, errorFrame, okFrame } from '../../shared/protocol.js';
+import { MAX_BLOCK_BYTES, MAX_FRAME_BYTES, MAX_GET_REPLY_BYTES, MAX_IDS_PER_GET, chunksReplyFrame, decodeReply, decodeRequest, encodeFrame, errorFrame, okFrame, parseReply } from '../../shared/protocol.js';
+import { CHUNK_OVERHEAD_BYTES } from '../../shared/chunk-crypto.js';
 import { TidemarkError } from '../../shared/errors.js';
 
 const protocolError = (re: RegExp) => (e: unknown) => e instanceof TidemarkError && e.code === 'E_PROTOCOL' && re.test(e.message);
@@ -28,5 +29,20 @@ describe('protocol frames', () => {
     assert.equal(ok.rid, 5);
     const err = decodeReply(errorFrame(6, new TidemarkError('E_FORBIDDEN', 'no')));
     assert.ok(err.t === 'error' && err.error.code === 'E_FORBIDDEN' && err.rid === 6 && !err.error.retryable);
+  });
+
+  it('writes a chunks.get reply that decodes as okFrame does, within a frame at its largest', () => {
+    const envelopes = [Buffer.alloc(52, 1), Buffer.alloc(70_000, 2), Buffer.alloc(300, 3)];
+    for (const rid of [0, 7, 0xffffffff]) {
+      const direct = decodeReply(chunksReplyFrame(rid, envelopes));
+      const packed = decodeReply(okFrame(rid, { data: envelopes }));
+      assert.ok(direct.t === 'ok' && packed.t === 'ok');
+      assert.equal(direct.rid, rid);
+      assert.deepEqual(parseReply('chunks.get', direct.body), parseReply('chunks.get', packed.body));
+    }
+    // The largest reply the receiver sends: one maximal envelope, or up to MAX_GET_REPLY_BYTES over MAX_IDS_PER_GET envelopes.
+    const largest = chunksReplyFrame(0xffffffff, [...Array(MAX_IDS_PER_GET - 1)].map(() => Buffer.alloc(1)).concat(Buffer.alloc(MAX_GET_REPLY_BYTES - (MAX_IDS_PER_GET - 1))));
+    assert.ok(largest.length <= MAX_FRAME_BYTES, `${largest.length} bytes`);
+    assert.equal(MAX_GET_REPLY_BYTES, MAX_BLOCK_BYTES + CHUNK_OVERHEAD_BYTES);
   });
 });
