@@ -5,7 +5,7 @@
 // swapping two stored ciphertexts fails restore authentication.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { closeSync, copyFileSync, existsSync, openSync, readFileSync, readSync, writeSync } from 'node:fs';
+import { copyFileSync, existsSync, readFileSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
@@ -16,6 +16,7 @@ import { proofHash } from '../receiver/vault-proof.js';
 import { Deployment, PASSPHRASE, runCli, runJson } from './harness.js';
 import { RawClient, type RawReply } from './raw-client.js';
 import { sha256File, writeMixedImage } from './fixtures.js';
+import { readAt, writeAt } from './file-bytes.js';
 
 const MiB = 1024 * 1024;
 const BLOCK = 64 * 1024;
@@ -24,26 +25,6 @@ function assertError(reply: RawReply, code: string, message?: RegExp): void {
   assert.equal(reply.t, 'error', `expected ${code}, got ${JSON.stringify(reply).slice(0, 300)}`);
   assert.equal(reply.code, code, reply.message);
   if (message) assert.match(reply.message!, message);
-}
-
-function readAt(path: string, position: number, length: number): Buffer {
-  const fd = openSync(path, 'r');
-  try {
-    const buf = Buffer.alloc(length);
-    assert.equal(readSync(fd, buf, 0, length, position), length);
-    return buf;
-  } finally {
-    closeSync(fd);
-  }
-}
-
-function writeAt(path: string, position: number, data: Buffer): void {
-  const fd = openSync(path, 'r+');
-  try {
-    writeSync(fd, data, 0, data.length, position);
-  } finally {
-    closeSync(fd);
-  }
 }
 
 describe('isolation between hosts and vaults', () => {
