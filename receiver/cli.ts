@@ -34,7 +34,7 @@ program.command('serve')
     const match = /^(.*):(\d+)$/.exec(opts.listen);
     if (!match) throw new TidemarkError('E_USAGE', `invalid --listen "${opts.listen}": expected HOST:PORT`);
     const log = createLogger('tidemark-receiver');
-    const dir = openDataDir(opts.data);
+    const dir = openDataDir(opts.data, { forWriting: true });
     const schedule = { policy: resolvePolicy(dir.config.retention), intervalMs: parseDurationMs(opts.pruneInterval ?? dir.config.pruneInterval ?? '1h') };
     const server = await ReceiverServer.start(dir, match[1]!.replace(/^\[|\]$/g, ''), Number(match[2]), log, schedule);
     const address = server.address();
@@ -78,7 +78,7 @@ program.command('prune')
   .option('--now <time>', 'evaluate the policy as of this time (ISO-8601; for planning)')
   .option('--json', 'print one JSON document')
   .action((opts: PruneFlags) => {
-    const dir = openDataDir(opts.data);
+    const dir = openDataDir(opts.data, { forWriting: true });
     const nowMs = opts.now === undefined ? Date.now() : Date.parse(opts.now);
     if (Number.isNaN(nowMs)) throw new TidemarkError('E_USAGE', `invalid --now "${opts.now}": use an ISO-8601 time`);
     const policy = resolvePolicy(dir.config.retention, { keepWithin: opts.keepWithin, keepHourly: opts.keepHourly, keepDaily: opts.keepDaily, keepWeekly: opts.keepWeekly });

@@ -19,7 +19,10 @@ import { parsePolicyOverrides, type PolicyOverrides } from './retention.js';
 
 const MARKER = 'receiver.json';
 const MARKER_FORMAT = 'tidemark-receiver';
-export const DATA_DIR_VERSION = 1;
+/** 2: packs gained version 2 (XXH64 entry checksums). */
+export const DATA_DIR_VERSION = 2;
+/** Read as it is; marked version 2 by the first command that writes packs (openDataDir `forWriting`). */
+const LEGACY_DATA_DIR_VERSION = 1;
 
 export interface DataDir {
   root: string;
@@ -67,18 +70,26 @@ export async function initDataDir(root: string): Promise<DataDir> {
   return openDataDir(root);
 }
 
-export function openDataDir(root: string): DataDir {
+/**
+ * `forWriting`: the caller will write packs (serve, prune). A version 1
+ * directory is marked version 2 first, so that an older receiver, which would
+ * take the new entries for damage, refuses the directory instead.
+ */
+export function openDataDir(root: string, { forWriting = false } = {}): DataDir {
   const p = paths(root);
   if (!existsSync(p.marker)) {
     throw new TidemarkError('E_USAGE', `${root} is not a receiver data directory; create it with tidemark-receiver init --data ${root}`);
   }
-  checkMarker(p.marker);
+  const marker = checkMarker(p.marker);
+  if (forWriting && marker.version === LEGACY_DATA_DIR_VERSION) {
+    writeFileDurable(p.marker, JSON.stringify({ ...marker, version: DATA_DIR_VERSION }) + '\n');
+  }
   const certPem = readFileSync(p.cert, 'utf8');
   return { root, config: readConfig(join(root, 'config.json')), keyPem: readFileSync(p.key, 'utf8'), certPem, fingerprint: fingerprintOf(certPem), packDir: p.packs, catalogPath: p.catalog };
 }
 
 /** Refuses a directory written by another program, or by a newer receiver whose layout this one does not know. */
-function checkMarker(path: string): void {
+function checkMarker(path: string): { format?: unknown; version?: unknown } {
   let marker: { format?: unknown; version?: unknown };
   try {
     marker = JSON.parse(readFileSync(path, 'utf8')) as typeof marker;
@@ -86,9 +97,10 @@ function checkMarker(path: string): void {
     throw new TidemarkError('E_STORAGE', `${path} is damaged (${(err as Error).message}); restore it from a backup`, { retryable: false });
   }
   if (marker.format !== MARKER_FORMAT) throw new TidemarkError('E_USAGE', `${path} does not mark a receiver data directory (format ${JSON.stringify(marker.format)})`);
-  if (marker.version !== DATA_DIR_VERSION) {
-    throw new TidemarkError('E_STORAGE', `${path}: data directory version ${JSON.stringify(marker.version)}; this receiver reads version ${DATA_DIR_VERSION}: use the tidemark release that wrote it`, { retryable: false });
+  if (marker.version !== DATA_DIR_VERSION && marker.version !== LEGACY_DATA_DIR_VERSION) {
+    throw new TidemarkError('E_STORAGE', `${path}: data directory version ${JSON.stringify(marker.version)}; this receiver reads versions ${LEGACY_DATA_DIR_VERSION} and ${DATA_DIR_VERSION}: use the tidemark release that wrote it`, { retryable: false });
   }
+  return marker;
 }
 
 const configSchema = z.object({ retention: z.unknown().optional(), pruneInterval: z.string().optional() }).strict();

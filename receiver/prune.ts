@@ -13,7 +13,7 @@ import { TidemarkError } from '../shared/errors.js';
 import { fsyncDir, writeAllSync } from '../shared/fs-util.js';
 import type { Logger } from '../shared/log.js';
 import type { Catalog } from './catalog.js';
-import { ENTRY_HEADER_BYTES, PACK_HEADER_BYTES, PACK_MAGIC, PACK_VERSION, encodeEntryHeader } from './pack-store.js';
+import { ENTRY_HEADER_BYTES, PACK_HEADER_BYTES, PACK_MAGIC, PACK_VERSION, encodeEntryHeader, entryIsIntact } from './pack-store.js';
 import { decideRetention, type RetentionPolicy } from './retention.js';
 
 /** Compact a sealed pack once less than this share of it is live. */
@@ -147,11 +147,13 @@ function copyLiveEntries(catalog: Catalog, packId: number, fromPath: string, toP
     for (const c of chunks) {
       const entry = Buffer.alloc(ENTRY_HEADER_BYTES + c.length);
       const read = readSync(from, entry, 0, entry.length, c.offset);
-      if (read !== entry.length || !entry.subarray(0, ENTRY_HEADER_BYTES).equals(encodeEntryHeader(c.id, entry.subarray(ENTRY_HEADER_BYTES)))) {
+      if (read !== entry.length || !entryIsIntact(entry, c.id)) {
         // Never copy damage forward silently: leave this pack for verify to report.
         throw new TidemarkError('E_INTEGRITY', `chunk ${c.id.toString('hex')} in ${fromPath} at offset ${c.offset} is damaged; run tidemark-receiver verify`);
       }
-      writeAllSync(to, [entry], offset);
+      // Rewritten in this receiver's entry format: compaction upgrades a version 1 pack.
+      const envelope = entry.subarray(ENTRY_HEADER_BYTES);
+      writeAllSync(to, [encodeEntryHeader(c.id, envelope), envelope], offset);
       moved.push({ vaultId: c.vaultId, id: c.id, offset });
       offset += entry.length;
     }

@@ -1,6 +1,6 @@
 // `tidemark-receiver verify` (docs/SPEC.md §5.3): checks the stored data
 // without the key — every pack file's header and catalogued size, every
-// catalogued chunk's pack entry (magic, length, id, XXH3-128 of the envelope,
+// catalogued chunk's pack entry (magic, length, id, checksum of the envelope,
 // envelope shape) and the catalog itself — and names, for each damaged
 // object, the committed points whose restore it breaks.
 //
@@ -19,7 +19,7 @@ import { MAX_BLOCK_BYTES } from '../shared/protocol.js';
 import { formatBytes } from '../shared/units.js';
 import { CATALOG_VERSION } from './catalog.js';
 import type { DataDir } from './data-dir.js';
-import { ENTRY_HEADER_BYTES, ENTRY_MAGIC, PACK_HEADER_BYTES, PACK_MAGIC, PACK_VERSION, encodeEntryHeader } from './pack-store.js';
+import { ENTRY_HEADER_BYTES, ENTRY_MAGIC, LEGACY_ENTRY_MAGIC, LEGACY_PACK_VERSION, PACK_HEADER_BYTES, PACK_MAGIC, PACK_VERSION, expectedEntryHeader } from './pack-store.js';
 
 /** Pack files are read sequentially in windows of this size. */
 const READ_WINDOW_BYTES = 16 * 1024 * 1024;
@@ -132,11 +132,14 @@ function openReadOnly(path: string): Database.Database {
 /** Differences between a stored entry header and the one the catalog expects. */
 function headerProblems(stored: Buffer, expected: Buffer, catalogLength: number): string[] {
   const problems: string[] = [];
-  if (!stored.subarray(0, 4).equals(ENTRY_MAGIC)) problems.push(`entry magic is ${JSON.stringify(stored.subarray(0, 4).toString('latin1'))}, not "TMPE"`);
+  const magic = stored.subarray(0, 4);
+  if (!magic.equals(ENTRY_MAGIC) && !magic.equals(LEGACY_ENTRY_MAGIC)) {
+    problems.push(`entry magic is ${JSON.stringify(magic.toString('latin1'))}, not "${ENTRY_MAGIC}" (or "${LEGACY_ENTRY_MAGIC}" of a version 1 pack)`);
+  }
   const length = stored.readUInt32BE(4);
   if (length !== catalogLength) problems.push(`entry length is ${length}, the catalog says ${catalogLength}`);
   if (!stored.subarray(8, 40).equals(expected.subarray(8, 40))) problems.push(`entry names chunk ${stored.subarray(8, 40).toString('hex')}`);
-  if (!stored.subarray(40, 56).equals(expected.subarray(40, 56))) problems.push('checksum mismatch (the envelope or its stored XXH3-128 changed)');
+  if (!stored.subarray(40, 56).equals(expected.subarray(40, 56))) problems.push('checksum mismatch (the envelope or its stored checksum changed)');
   return problems;
 }
 
@@ -229,8 +232,9 @@ function checkPacks(db: Database.Database, packDir: string, catalogPath: string,
     const fileBytes = fstatSync(fd).size;
     pack.reader = new PackReader(fd, fileBytes);
     const header = pack.reader.read(0, PACK_HEADER_BYTES);
-    if (header.length < PACK_HEADER_BYTES || !header.subarray(0, 4).equals(PACK_MAGIC) || header[4] !== PACK_VERSION) {
-      packFinding(`pack ${row.file}: header is not ${PACK_MAGIC.toString()} version ${PACK_VERSION} (found ${JSON.stringify(header.subarray(0, 4).toString('latin1'))} ` +
+    const knownVersion = header[4] === PACK_VERSION || header[4] === LEGACY_PACK_VERSION;
+    if (header.length < PACK_HEADER_BYTES || !header.subarray(0, 4).equals(PACK_MAGIC) || !knownVersion) {
+      packFinding(`pack ${row.file}: header is not ${PACK_MAGIC.toString()} version ${PACK_VERSION} or ${LEGACY_PACK_VERSION} (found ${JSON.stringify(header.subarray(0, 4).toString('latin1'))} ` +
         `version ${header[4] ?? 'none'}); its entries are checked one by one`, 0);
     }
     if (fileBytes < row.sizeBytes) pack.short = packFinding(`pack ${row.file}: the file is ${fileBytes} bytes, shorter than the ${row.sizeBytes} bytes catalogued`, fileBytes);
@@ -285,7 +289,8 @@ function checkPacks(db: Database.Database, packDir: string, catalogPath: string,
       continue;
     }
     const envelope = entry.subarray(ENTRY_HEADER_BYTES);
-    const problems = headerProblems(entry.subarray(0, ENTRY_HEADER_BYTES), encodeEntryHeader(chunk.id, envelope), chunk.length);
+    const stored = entry.subarray(0, ENTRY_HEADER_BYTES);
+    const problems = headerProblems(stored, expectedEntryHeader(stored, chunk.id, envelope), chunk.length);
     try {
       checkEnvelopeShape(envelope, MAX_BLOCK_BYTES);
     } catch (err) {

@@ -20,10 +20,11 @@ describe('format versions', () => {
     const markerPath = join(data, 'receiver.json');
     const marker = JSON.parse(readFileSync(markerPath, 'utf8'));
 
-    writeFileSync(markerPath, JSON.stringify({ ...marker, version: 2 }));
+    assert.equal(marker.version, 2);
+    writeFileSync(markerPath, JSON.stringify({ ...marker, version: 3 }));
     const newer = await runCli('receiver', ['status', '--data', data]);
     assert.equal(newer.code, 11, newer.stderr);
-    assert.match(newer.stderr, /data directory version 2; this receiver reads version 1: use the tidemark release that wrote it/);
+    assert.match(newer.stderr, /data directory version 3; this receiver reads versions 1 and 2: use the tidemark release that wrote it/);
     assert.equal(newer.stderr.trim().split('\n').length, 1);
 
     writeFileSync(markerPath, JSON.stringify({ ...marker, format: 'something-else' }));
