@@ -49,6 +49,9 @@ describe('run writer', () => {
         const writer = new RunWriter(file);
         await writer.write(randomBytes(65536), 0);
         await writer.write(randomBytes(65536), 512 * 1024); // a hole: the first run's write starts, not awaited
+        // The next run to start waits for that write first, so the next write reports it...
+        await assert.rejects(writer.write(randomBytes(65536), 768 * 1024), { code: 'EBADF' });
+        // ...and so does a flush of whatever was gathered since.
         await assert.rejects(writer.flush(), { code: 'EBADF' });
       } finally {
         await file.close();
