@@ -1,7 +1,7 @@
 // Chunk envelopes by id, fetched in batches (chunks.get, docs/SPEC.md §3.4): the
 // ids asked for while the caller runs go out together once it waits for I/O, or
 // as soon as a batch is full, so a restore makes one request per ~1 MiB of
-// chunks rather than one per chunk (per-request work on both ends dominated).
+// chunks rather than one per chunk, saving per-request work on both ends.
 //
 // Each id's promise settles on its own: the receiver answers a prefix of a
 // batch and the rest is asked for again, so a damaged or missing chunk fails
