@@ -5,13 +5,14 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
-import { closeSync, openSync, readSync, writeFileSync, writeSync } from 'node:fs';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { ENTRY_HEADER_BYTES } from '../receiver/pack-store.js';
 import { ChunkFetcher } from '../restore/chunk-fetcher.js';
 import type { VaultKeys } from '../shared/chunk-crypto.js';
 import { MAX_GET_REPLY_BYTES, MAX_IDS_PER_GET } from '../shared/protocol.js';
+import { flipByte } from './file-bytes.js';
 import { sha256File } from './fixtures.js';
 import { Deployment, runCli } from './harness.js';
 import { restoreSession, vaultKeys } from './point-check.js';
@@ -96,12 +97,7 @@ describe('chunks.get', () => {
     const victim = 7;
     const at = db.prepare('SELECT p.file, c.offset FROM chunk c JOIN pack p ON p.id = c.pack_id WHERE c.id = ?').get(ids[victim]) as { file: string; offset: number };
     db.close();
-    const pack = join(d.receiver.dataDir, 'packs', at.file);
-    const position = at.offset + ENTRY_HEADER_BYTES + 100;
-    const fd = openSync(pack, 'r+');
-    const original = Buffer.alloc(1);
-    readSync(fd, original, 0, 1, position);
-    writeSync(fd, Buffer.from([original[0]! ^ 0xff]), 0, 1, position);
+    const undo = flipByte(join(d.receiver.dataDir, 'packs', at.file), at.offset + ENTRY_HEADER_BYTES + 100);
     try {
       const conn = await restoreSession(d, keys);
       try {
@@ -124,10 +120,7 @@ describe('chunks.get', () => {
       assert.notEqual(failed.code, 0);
       assert.match(failed.stderr, new RegExp(ids[victim]!.toString('hex')));
     } finally {
-      const fd2 = openSync(pack, 'r+');
-      writeSync(fd2, original, 0, 1, position);
-      closeSync(fd2);
-      closeSync(fd);
+      undo();
     }
     const restored = join(d.root, 'restored.img');
     const result = await restoreTo(restored);
