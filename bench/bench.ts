@@ -11,6 +11,7 @@ import { changeBlocks, sha256File } from '../test/fixtures.js';
 import { REPO_ROOT, tempDir } from '../test/harness.js';
 import { parseSizeBytes } from '../shared/units.js';
 import { DEFAULT_BLOCK_BYTES } from '../shared/protocol.js';
+import type { ReceiverStatus } from '../receiver/catalog.js';
 import { chunkOpenWork, copyImage, dropFromCache, lz4Available, lz4Cli, perBlockWork, rawRead, warmCache, type Timed } from './baselines.js';
 import { BenchCluster } from './cluster.js';
 import { buildImage, dataBytes } from './image.js';
@@ -57,6 +58,7 @@ async function main(): Promise<void> {
 
     say('initial sync...');
     await cluster.enroll('bench');
+    const empty = await cluster.deployment.receiver.status();
     const initial = await cluster.runOnce('bench', [image]);
     const status = await cluster.deployment.receiver.status();
     const tls = await tlsLoopback(status.packBytes);
@@ -120,6 +122,7 @@ async function main(): Promise<void> {
         cpu: cpuShare(restore.wallSeconds, cores, { restore: restore.restoreCpuSeconds, receiver: restore.receiverCpuSeconds }),
       },
       storage: { dataBytes: data, storedChunkBytes: status.storedChunkBytes, packBytes: status.packBytes, storedVsData: status.packBytes / data },
+      catalog: catalogGrowth(empty, status, DEFAULT_BLOCK_BYTES),
       memory: {
         agentPeakRssBytes: cluster.agentPeakRssBytes,
         agentInitialSyncRssBytes: initial.peakRssBytes,
@@ -142,6 +145,16 @@ async function main(): Promise<void> {
 
 function brief(t: Timed): { seconds: number; mibps: number } {
   return { seconds: t.seconds, mibps: t.mibPerSecond };
+}
+
+/**
+ * What the initial sync added to the catalog, per block version it recorded (each with its chunk row:
+ * the bench's blocks barely dedup), and what that makes for a fully written TiB of such blocks.
+ */
+function catalogGrowth(before: ReceiverStatus, after: ReceiverStatus, blockBytes: number): BenchResults['catalog'] {
+  const blockVersions = after.blockVersions - before.blockVersions;
+  const bytesPerBlockVersion = (after.catalogBytes - before.catalogBytes) / blockVersions;
+  return { blockVersions, catalogBytes: after.catalogBytes, bytesPerBlockVersion, bytesPerTiB: bytesPerBlockVersion * (1024 ** 4 / blockBytes) };
 }
 
 /** CPU seconds per process over a wall time, and the share of the machine's cores they kept busy. */

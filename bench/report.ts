@@ -23,6 +23,8 @@ export interface BenchResults {
   incrementalScan: { changedBytes: number; seconds: number; bytesRead: number; readVsChange: number; timeVsInitial: number };
   restore: { seconds: number; mibps: number; vsCp: number; identical: boolean; vsChunkOpen: number; cpu: CpuShare };
   storage: { dataBytes: number; storedChunkBytes: number; packBytes: number; storedVsData: number };
+  /** Catalog growth over the initial sync (DESIGN §6 budget: under 1 GiB for a fully written TiB). */
+  catalog: { blockVersions: number; catalogBytes: number; bytesPerBlockVersion: number; bytesPerTiB: number };
   memory: { agentPeakRssBytes: number; agentInitialSyncRssBytes: number; agentIncrementalRssBytes: number; restorePeakRssBytes: number; receiverPeakRssBytes: number };
   continuous: ContinuousResults | { skipped: string };
 }
@@ -67,6 +69,9 @@ export function rows(r: BenchResults): Row[] {
     ['  vs opening the chunks', rate(r.restore.mibps), `AES-GCM, lz4, id check on one core ${rate(r.baselines.chunkOpen.mibps)} → ${x(r.restore.vsChunkOpen)}`, ''],
     ['  CPU time', cpu(r.restore.cpu), busy(r.restore.cpu), ''],
     ['stored bytes', mib(r.storage.packBytes), `data ${mib(r.storage.dataBytes)} → ${x(r.storage.storedVsData)} (dedup + lz4)`, ''],
+    ['catalog per block version', `${Math.round(r.catalog.bytesPerBlockVersion)} B`,
+      `${mib(r.catalog.catalogBytes)} after the initial sync's ${r.catalog.blockVersions} → ${(r.catalog.bytesPerTiB / 1024 ** 3).toFixed(1)} GiB per fully written TiB`,
+      `≤ 1 GiB per TiB: ${verdict(r.catalog.bytesPerTiB <= 1024 ** 3)}`],
     ['agent peak RSS', mib(r.memory.agentPeakRssBytes),
       `run --once initial ${mib(r.memory.agentInitialSyncRssBytes)}, incremental ${mib(r.memory.agentIncrementalRssBytes)}` +
         ('skipped' in r.continuous ? '' : `, continuous ${mib(r.continuous.agentPeakRssBytes)}`) + `; restore ${mib(r.memory.restorePeakRssBytes)}`,

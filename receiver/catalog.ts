@@ -451,6 +451,9 @@ export class Catalog {
     const now = Date.now();
     const stored = this.db.prepare(`SELECT COUNT(*) AS chunks, COALESCE(SUM(length), 0) AS bytes FROM chunk`).get() as { chunks: number; bytes: number };
     const packBytes = this.db.prepare(`SELECT COALESCE(SUM(size_bytes), 0) FROM pack`).pluck().get() as number;
+    const blockVersions = this.db.prepare(`SELECT COUNT(*) FROM block_version`).pluck().get() as number;
+    // The database's size as this snapshot sees it (WAL included): what catalog.db is once checkpointed.
+    const catalogBytes = (this.db.pragma('page_count', { simple: true }) as number) * (this.db.pragma('page_size', { simple: true }) as number);
     return {
       hosts: hosts.map((h) => {
         const last = lastPoint.get(h.id) as { id: number; timeMs: number; cc: number } | undefined;
@@ -478,6 +481,8 @@ export class Catalog {
       storedChunks: stored.chunks,
       storedChunkBytes: stored.bytes,
       packBytes,
+      blockVersions,
+      catalogBytes,
     };
   }
 }
@@ -514,6 +519,9 @@ export interface ReceiverStatus {
   storedChunks: number;
   storedChunkBytes: number;
   packBytes: number;
+  /** Rows of block_version: one per block per point that changed it. The catalog grows with these (SPEC §5.2). */
+  blockVersions: number;
+  catalogBytes: number;
 }
 
 /** What an agent last said of itself (`status.report`, SPEC §3.4). */

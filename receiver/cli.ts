@@ -115,7 +115,8 @@ program.command('status')
       const pruneWouldFree = { points: plan.pointsDropped, chunks: plan.chunksFreed, bytes: plan.bytesFreed };
       if (opts.json) return printJson({ fingerprint: dir.fingerprint, ...status, pruneWouldFree });
       process.stdout.write(`fingerprint ${dir.fingerprint}\nstored: ${status.storedChunks} chunks, ${formatBytes(status.storedChunkBytes)} ` +
-        `in pack files of ${formatBytes(status.packBytes)}; a prune now would drop ${plan.pointsDropped} points and free ${formatBytes(plan.bytesFreed)}\n`);
+        `in pack files of ${formatBytes(status.packBytes)}; ` +
+        `catalog ${formatBytes(status.catalogBytes)} for ${status.blockVersions} block versions; a prune now would drop ${plan.pointsDropped} points and free ${formatBytes(plan.bytesFreed)}\n`);
       for (const h of status.hosts) {
         const last = h.lastPoint ? `last point ${h.lastPoint.id} at ${h.lastPoint.time} (lag ${Math.round(h.lagSeconds!)}s)` : 'no point yet';
         const agent = h.reportedAt ? ` [${h.tracker ?? 'no tracker'}, backlog ${formatBytes(h.backlogBytes ?? 0)}, ${formatBytes(h.bytesPerSecond ?? 0)}/s, reported ${h.reportedAt}]` : '';

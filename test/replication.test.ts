@@ -54,6 +54,8 @@ describe('replication end to end', () => {
     assert.ok(result.chunksDeduplicated > 0);
     assert.equal(afterStatus.storedChunkBytes, before.storedChunkBytes);
     assert.equal(afterStatus.storedChunks, before.storedChunks);
+    assert.ok(result.blocksChanged > 0);
+    assert.equal(afterStatus.blockVersions - before.blockVersions, result.blocksChanged, 'the twin\'s blocks are recorded, each referring to a chunk already stored');
     const points = await d.points('alpha');
     const out = join(d.root, 'twin.img');
     await d.restore('alpha', twin, points.at(-1).id, out);
@@ -72,6 +74,11 @@ describe('replication end to end', () => {
     assert.equal(result.blocksChanged, changed.length);
     assert.equal(result.chunksUploaded, changed.length);
     assert.equal(statusAfter.storedChunks - statusBefore.storedChunks, changed.length, 'receiver stored exactly the changed blocks');
+    assert.equal(statusAfter.blockVersions - statusBefore.blockVersions, changed.length, 'the catalog gained a block version per changed block');
+    // Every block version holds a 32-byte chunk id, so the catalog is at least that big, and no bigger than its files.
+    assert.ok(statusAfter.catalogBytes >= statusAfter.blockVersions * 32, `catalog of ${statusAfter.catalogBytes} bytes holds ${statusAfter.blockVersions} block versions`);
+    const catalogFiles = ['catalog.db', 'catalog.db-wal'].map((f) => join(d.receiver.dataDir, f)).filter(existsSync);
+    assert.ok(statusAfter.catalogBytes <= catalogFiles.reduce((sum, f) => sum + statSync(f).size, 0), 'catalogBytes is no more than the catalog files hold');
     const points = await d.points('alpha');
     const newest = points.at(-1);
     assert.equal(newest.id, result.pointId);
