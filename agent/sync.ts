@@ -86,7 +86,7 @@ export async function openSession(state: AgentState, keys: VaultKeys, bytesPerSe
     bytesPerSecond,
   });
   try {
-    await conn.request('hello', { vaultId: keys.vaultId, vaultProof: keys.vaultProof });
+    await conn.hello({ vaultId: keys.vaultId, vaultProof: keys.vaultProof });
   } catch (err) {
     conn.close();
     throw err;

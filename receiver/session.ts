@@ -7,7 +7,7 @@ import type WebSocket from 'ws';
 import { checkEnvelopeShape } from '../shared/chunk-crypto.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
-import { MAX_BLOCK_BYTES, MAX_GET_REPLY_BYTES, MAX_POINTS_PAGE, chunksReplyFrame, decodeRequest, errorFrame, okFrame, peekRid, type Request } from '../shared/protocol.js';
+import { MAX_BLOCK_BYTES, MAX_GET_REPLY_BYTES, MAX_POINTS_PAGE, RECEIVER_FEATURES, chunksReplyFrame, decodeRequest, errorFrame, okFrame, peekRid, type Request } from '../shared/protocol.js';
 import type { Catalog, Principal } from './catalog.js';
 import type { ChunkStore } from './pack-store.js';
 import { checkVaultProof, enrollWithProof } from './vault-proof.js';
@@ -190,7 +190,7 @@ export class Session {
     // Naming a vault is not enough: the caller must show it holds the vault's key.
     checkVaultProof(this.ctx.catalog, vaultId, vaultProof, p.role === 'agent' ? 'record' : 'check');
     this.vaultId = vaultId;
-    return { role: p.role, host: p.role === 'agent' ? p.host : null };
+    return { role: p.role, host: p.role === 'agent' ? p.host : null, features: RECEIVER_FEATURES };
   }
 
   private readablePoint(p: Exclude<Principal, { role: 'enroll' }>, vaultId: string, pointId: number): void {

@@ -6,6 +6,9 @@
 // Each id's promise settles on its own: the receiver answers a prefix of a
 // batch and the rest is asked for again, so a damaged or missing chunk fails
 // only the blocks that use it.
+//
+// A receiver released before chunks.get does not list it in its hello reply;
+// from that one the chunks are fetched one chunk.get each, as restores did then.
 import { CHUNK_OVERHEAD_BYTES } from '../shared/chunk-crypto.js';
 import type { ReceiverConnection } from '../shared/connection.js';
 import { TidemarkError } from '../shared/errors.js';
@@ -25,15 +28,24 @@ export interface FetchStats {
 export class ChunkFetcher {
   /** Ids per request: as many as one reply can carry however little they compress. */
   private readonly batchIds: number;
+  private readonly batched: boolean;
   private queued: Wanted[] = [];
   private sendScheduled = false;
 
+  /** `conn` has said hello (ReceiverConnection.hello): that tells whether the receiver handles chunks.get. */
   constructor(private readonly conn: ReceiverConnection, blockBytes: number, private readonly stats: FetchStats) {
     this.batchIds = Math.max(1, Math.min(MAX_IDS_PER_GET, Math.floor(MAX_GET_REPLY_BYTES / (blockBytes + CHUNK_OVERHEAD_BYTES))));
+    this.batched = conn.supports('chunks.get');
   }
 
   /** The chunk's envelope as stored (not yet opened or checked). */
   get(id: Buffer): Promise<Buffer> {
+    if (!this.batched) {
+      return this.conn.request('chunk.get', { id }).then(({ data }) => {
+        this.stats.bytesFetched += data.length;
+        return data;
+      });
+    }
     return new Promise<Buffer>((resolve, reject) => {
       this.queued.push({ id, resolve, reject });
       if (this.queued.length >= this.batchIds) this.send(this.queued.splice(0));

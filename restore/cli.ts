@@ -41,7 +41,7 @@ async function connect(opts: ConnectOptions): Promise<{ conn: ReceiverConnection
   const keys = VaultKeys.fromMaster(openKeyFile(opts.keyFile, readPassphrase(opts.passphraseFile)));
   const conn = await ReceiverConnection.open({ url: opts.receiver, fingerprint: opts.fingerprint, path: SESSION_PATH, authorization: `Bearer ${readToken(opts.token, opts.tokenFile)}` });
   try {
-    await conn.request('hello', { vaultId: keys.vaultId, vaultProof: keys.vaultProof });
+    await conn.hello({ vaultId: keys.vaultId, vaultProof: keys.vaultProof });
   } catch (err) {
     conn.close();
     throw err;

@@ -7,7 +7,7 @@ import WebSocket from 'ws';
 import { TidemarkError, asTidemarkError } from './errors.js';
 import {
   MAX_FRAME_BYTES, PROTOCOL_HEADER, PROTOCOL_VERSION,
-  decodeReply, encodeFrame, parseReply, type Reply, type RequestBody, type RequestType,
+  decodeReply, encodeFrame, parseReply, type ReceiverFeature, type Reply, type RequestBody, type RequestType,
 } from './protocol.js';
 
 export function normalizeFingerprint(fp: string): string {
@@ -93,6 +93,7 @@ export class ReceiverConnection {
   /** Last time the receiver sent anything or our sends drained: a half-open link shows neither. */
   private lastAliveMs = Date.now();
   private readonly heartbeat: NodeJS.Timeout;
+  private receiverFeatures = new Set<string>();
 
   private constructor(private readonly ws: WebSocket, bytesPerSecond: number, heartbeatMs: number) {
     this.limiter = bytesPerSecond > 0 ? new RateLimiter(bytesPerSecond) : null;
@@ -156,6 +157,18 @@ export class ReceiverConnection {
 
   get isOpen(): boolean {
     return this.closedError === null && this.ws.readyState === WebSocket.OPEN;
+  }
+
+  /** Opens the session (SPEC §3.6) and learns which of the messages added since release the receiver handles. */
+  async hello(body: RequestBody<'hello'>): Promise<Reply<'hello'>> {
+    const reply = await this.request('hello', body);
+    this.receiverFeatures = new Set(reply.features ?? []);
+    return reply;
+  }
+
+  /** Whether the receiver said in its hello that it handles `feature`: older receivers close the session on a message they do not know. */
+  supports(feature: ReceiverFeature): boolean {
+    return this.receiverFeatures.has(feature);
   }
 
   async request<T extends RequestType>(type: T, body: RequestBody<T>): Promise<Reply<T>> {

@@ -24,6 +24,10 @@ export const MAX_BLOCKS_PER_PUT = 8192;
 export const MAX_MAP_PAGE = 8192;
 export const MAX_POINTS_PAGE = 1000;
 export const MAX_IDS_PER_GET = 64;
+/** What a receiver lists in its hello reply: the messages added to protocol v1 since release (SPEC §2). */
+export const RECEIVER_FEATURES = ['chunks.get'] as const;
+export type ReceiverFeature = (typeof RECEIVER_FEATURES)[number];
+
 /** A chunks.get reply carries at most this many envelope bytes (and at least one envelope), so it always fits a frame. */
 export const MAX_GET_REPLY_BYTES = MAX_BLOCK_BYTES + CHUNK_OVERHEAD_BYTES;
 export const MAX_REASON_CHARS = 1000;
@@ -89,7 +93,12 @@ export type PointInfo = z.infer<typeof pointSchema>;
 
 export const replySchemas = {
   enroll: z.object({ hostId: uint, credential: z.string() }),
-  hello: z.object({ role: z.enum(['agent', 'restore']), host: name.nullable() }),
+  hello: z.object({
+    role: z.enum(['agent', 'restore']),
+    host: name.nullable(),
+    /** Messages added to protocol v1 since release that this receiver handles (SPEC §2); absent from older receivers. */
+    features: z.array(z.string().max(64)).max(64).optional(),
+  }),
   'disk.register': z.object({ diskId: uint, hasHistory: z.boolean() }),
   'point.begin': z.object({
     pointId: uint,

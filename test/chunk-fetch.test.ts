@@ -47,7 +47,9 @@ describe('chunks.get', () => {
     pointId = point.pointId;
     raw = await RawClient.open(d.receiver.url, d.receiver.fingerprint, d.restoreToken);
     keys = vaultKeys(d.keyFile);
-    ok(await raw.request('hello', { vaultId: keys.vaultId, vaultProof: keys.vaultProof }));
+    const hello = ok(await raw.request('hello', { vaultId: keys.vaultId, vaultProof: keys.vaultProof }));
+    // Restore batches only when the receiver lists chunks.get (SPEC §2); without it, it falls back to chunk.get silently.
+    assert.deepEqual(hello.features, ['chunks.get']);
     const listed = ok(await raw.request('points.list', { host: 'fetch', afterId: null }));
     diskId = listed.points[0].disks[0].diskId;
     const map = ok(await raw.request('point.map', { pointId, diskId, fromBlock: 0, limit: 8192 }));
@@ -102,6 +104,7 @@ describe('chunks.get', () => {
       const conn = await restoreSession(d, keys);
       try {
         const stats = { bytesFetched: 0 };
+        assert.ok(conn.supports('chunks.get'));
         const fetcher = new ChunkFetcher(conn, BLOCK, stats);
         const results = await Promise.allSettled(ids.map((id) => fetcher.get(id)));
         results.forEach((r, i) => {

@@ -72,7 +72,7 @@ describe('a half-open link to the receiver', () => {
       url: relay.url, fingerprint: d.receiver.fingerprint, path: SESSION_PATH, authorization: `Bearer ${d.restoreToken}`, heartbeatMs: HEARTBEAT_MS,
     });
     try {
-      await conn.request('hello', { vaultId: keys.vaultId, vaultProof: keys.vaultProof });
+      await conn.hello({ vaultId: keys.vaultId, vaultProof: keys.vaultProof });
       // A healthy but idle link stays up across several heartbeats: the receiver answers the pings.
       await new Promise((r) => setTimeout(r, 5 * HEARTBEAT_MS));
       assert.ok(conn.isOpen, 'an idle link that answers pings is kept');

@@ -17,27 +17,28 @@ export interface CliResult {
 
 export type Tool = 'agent' | 'receiver' | 'restore';
 
-export function launcherPath(tool: Tool): string {
-  return join(REPO_ROOT, 'bin', `tidemark-${tool}.js`);
+/** `root`: a checkout whose CLIs to run; another release's for version-skew tests (test/release.ts). */
+export function launcherPath(tool: Tool, root = REPO_ROOT): string {
+  return join(root, 'bin', `tidemark-${tool}.js`);
 }
 
 /** The node flags a launcher's shebang (`#!/usr/bin/env -S node FLAGS`) gives the process. */
-export function launcherNodeFlags(tool: Tool): string[] {
-  const shebang = readFileSync(launcherPath(tool), 'utf8').split('\n', 1)[0]!;
+export function launcherNodeFlags(tool: Tool, root = REPO_ROOT): string[] {
+  const shebang = readFileSync(launcherPath(tool, root), 'utf8').split('\n', 1)[0]!;
   const words = shebang.replace(/^#!\S+\s+/, '').split(/\s+/).filter(Boolean);
   return words.slice(words.indexOf('node') + 1);
 }
 
 /** Runs a CLI with this test's node and the flags its launcher's shebang gives node, as installed. */
-export function spawnCli(tool: Tool, args: string[], env: Record<string, string | undefined> = {}): ChildProcess {
-  return spawn(process.execPath, [...launcherNodeFlags(tool), launcherPath(tool), ...args], {
+export function spawnCli(tool: Tool, args: string[], env: Record<string, string | undefined> = {}, root = REPO_ROOT): ChildProcess {
+  return spawn(process.execPath, [...launcherNodeFlags(tool, root), launcherPath(tool, root), ...args], {
     env: { ...process.env, TIDEMARK_PASSPHRASE: PASSPHRASE, TIDEMARK_LOG_LEVEL: 'warn', ...env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
 }
 
-export function runCli(tool: Tool, args: string[], env: Record<string, string | undefined> = {}): Promise<CliResult> {
-  const child = spawnCli(tool, args, env);
+export function runCli(tool: Tool, args: string[], env: Record<string, string | undefined> = {}, root = REPO_ROOT): Promise<CliResult> {
+  const child = spawnCli(tool, args, env, root);
   return collect(child);
 }
 
@@ -50,8 +51,8 @@ export function collect(child: ChildProcess): Promise<CliResult> {
 }
 
 /** Runs a CLI and parses its stdout as one JSON document; fails loudly otherwise. */
-export async function runJson<T = any>(tool: Tool, args: string[], env: Record<string, string | undefined> = {}): Promise<T> {
-  const result = await runCli(tool, [...args, '--json'], env);
+export async function runJson<T = any>(tool: Tool, args: string[], env: Record<string, string | undefined> = {}, root = REPO_ROOT): Promise<T> {
+  const result = await runCli(tool, [...args, '--json'], env, root);
   if (result.code !== 0) throw new Error(`tidemark-${tool} ${args[0]} exited ${result.code}: ${result.stderr.trim()}`);
   return JSON.parse(result.stdout) as T;
 }
@@ -69,22 +70,24 @@ export class ReceiverProcess {
     readonly fingerprint: string,
     private child: ChildProcess,
     public port: number,
+    /** The checkout whose receiver this is. */
+    readonly root: string,
   ) {}
 
   get url(): string {
     return `wss://127.0.0.1:${this.port}`;
   }
 
-  static async init(dataDir: string): Promise<ReceiverProcess> {
-    const { fingerprint } = await runJson<{ fingerprint: string }>('receiver', ['init', '--data', dataDir]);
-    const { child, port, log } = await ReceiverProcess.serve(dataDir, 0);
-    const receiver = new ReceiverProcess(dataDir, fingerprint, child, port);
+  static async init(dataDir: string, root = REPO_ROOT): Promise<ReceiverProcess> {
+    const { fingerprint } = await runJson<{ fingerprint: string }>('receiver', ['init', '--data', dataDir], {}, root);
+    const { child, port, log } = await ReceiverProcess.serve(dataDir, 0, root);
+    const receiver = new ReceiverProcess(dataDir, fingerprint, child, port, root);
     receiver.logs.push(log);
     return receiver;
   }
 
-  private static serve(dataDir: string, port: number): Promise<{ child: ChildProcess; port: number; log: () => string }> {
-    const child = spawnCli('receiver', ['serve', '--data', dataDir, '--listen', `127.0.0.1:${port}`], { TIDEMARK_LOG_LEVEL: 'info' });
+  private static serve(dataDir: string, port: number, root: string): Promise<{ child: ChildProcess; port: number; log: () => string }> {
+    const child = spawnCli('receiver', ['serve', '--data', dataDir, '--listen', `127.0.0.1:${port}`], { TIDEMARK_LOG_LEVEL: 'info' }, root);
     return new Promise((resolve, reject) => {
       let buffered = '';
       let listening = false;
@@ -103,7 +106,7 @@ export class ReceiverProcess {
   /** Restarts on the same port (agents keep their address); `SIGKILL` for a crash. */
   async restart(signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
     await this.stop(signal);
-    const { child, log } = await ReceiverProcess.serve(this.dataDir, this.port);
+    const { child, log } = await ReceiverProcess.serve(this.dataDir, this.port, this.root);
     this.child = child;
     this.logs.push(log);
   }
@@ -125,12 +128,12 @@ export class ReceiverProcess {
   }
 
   async token(restore = false): Promise<string> {
-    const { token } = await runJson<{ token: string }>('receiver', ['token', '--data', this.dataDir, ...(restore ? ['--restore'] : [])]);
+    const { token } = await runJson<{ token: string }>('receiver', ['token', '--data', this.dataDir, ...(restore ? ['--restore'] : [])], {}, this.root);
     return token;
   }
 
   status(): Promise<any> {
-    return runJson('receiver', ['status', '--data', this.dataDir]);
+    return runJson('receiver', ['status', '--data', this.dataDir], {}, this.root);
   }
 }
 
@@ -141,9 +144,10 @@ export class Deployment {
   receiver!: ReceiverProcess;
   restoreToken!: string;
 
-  static async start(): Promise<Deployment> {
+  /** `receiverRoot`: the checkout whose receiver to run (test/release.ts); the agent and restore CLIs are this one's unless a call says otherwise. */
+  static async start(receiverRoot = REPO_ROOT): Promise<Deployment> {
     const d = new Deployment();
-    d.receiver = await ReceiverProcess.init(join(d.root, 'receiver'));
+    d.receiver = await ReceiverProcess.init(join(d.root, 'receiver'), receiverRoot);
     d.restoreToken = await d.receiver.token(true);
     return d;
   }
@@ -152,17 +156,17 @@ export class Deployment {
     return join(this.root, `agent-${host}`);
   }
 
-  async enroll(host: string, keyFile = this.keyFile): Promise<string> {
+  async enroll(host: string, keyFile = this.keyFile, agentRoot = REPO_ROOT): Promise<string> {
     const token = await this.receiver.token();
     const result = await runCli('agent', ['enroll', '--state', this.stateDir(host), '--receiver', this.receiver.url,
-      '--fingerprint', this.receiver.fingerprint, '--key-file', keyFile, '--host', host], { TIDEMARK_TOKEN: token });
+      '--fingerprint', this.receiver.fingerprint, '--key-file', keyFile, '--host', host], { TIDEMARK_TOKEN: token }, agentRoot);
     if (result.code !== 0) throw new Error(`enroll failed (${result.code}): ${result.stderr}`);
     return this.stateDir(host);
   }
 
   /** `tidemark-agent run --once`; returns the final result line. */
-  async syncOnce(host: string, disks: string[], extra: string[] = []): Promise<any> {
-    const result = await runCli('agent', ['run', '--once', '--json', '--state', this.stateDir(host), ...disks.flatMap((d) => ['--disk', d]), ...extra]);
+  async syncOnce(host: string, disks: string[], extra: string[] = [], agentRoot = REPO_ROOT): Promise<any> {
+    const result = await runCli('agent', ['run', '--once', '--json', '--state', this.stateDir(host), ...disks.flatMap((d) => ['--disk', d]), ...extra], {}, agentRoot);
     if (result.code !== 0) throw new Error(`run --once failed (${result.code}): ${result.stderr}`);
     return lastEvent(result.stdout, 'point');
   }
@@ -175,8 +179,8 @@ export class Deployment {
     return (await runJson<{ points: any[] }>('restore', ['points', ...this.restoreArgs(host)], { TIDEMARK_TOKEN: this.restoreToken })).points;
   }
 
-  async restore(host: string, disk: string, pointId: number, to: string): Promise<any> {
-    return runJson('restore', ['disk', ...this.restoreArgs(host), '--disk', disk, '--point', String(pointId), '--to', to], { TIDEMARK_TOKEN: this.restoreToken });
+  async restore(host: string, disk: string, pointId: number, to: string, restoreRoot = REPO_ROOT): Promise<any> {
+    return runJson('restore', ['disk', ...this.restoreArgs(host), '--disk', disk, '--point', String(pointId), '--to', to], { TIDEMARK_TOKEN: this.restoreToken }, restoreRoot);
   }
 
   async close(): Promise<void> {

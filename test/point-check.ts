@@ -18,7 +18,7 @@ export function vaultKeys(keyFile: string): VaultKeys {
 export async function restoreSession(d: Deployment, keys: VaultKeys): Promise<ReceiverConnection> {
   const conn = await ReceiverConnection.open({ url: d.receiver.url, fingerprint: d.receiver.fingerprint, path: SESSION_PATH, authorization: `Bearer ${d.restoreToken}` });
   try {
-    await conn.request('hello', { vaultId: keys.vaultId, vaultProof: keys.vaultProof });
+    await conn.hello({ vaultId: keys.vaultId, vaultProof: keys.vaultProof });
   } catch (err) {
     conn.close();
     throw err;

@@ -1,0 +1,57 @@
+// Mixed versions, each side a real build of its release (test/release.ts): the
+// release before chunks.get beside this tree. An operator upgrades one machine
+// at a time, and in a disaster may restore with a newer restore CLI than the
+// receiver it reads from.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { join } from 'node:path';
+import { Deployment, runJson } from './harness.js';
+import { sha256File, writeMixedImage } from './fixtures.js';
+import { RELEASE_BEFORE_CHUNKS_GET, buildRelease, type Release } from './release.js';
+
+const MiB = 1024 * 1024;
+
+describe('version skew with the release before chunks.get', { timeout: 300_000 }, () => {
+  let release: Release;
+  before(() => {
+    release = buildRelease(RELEASE_BEFORE_CHUNKS_GET);
+  });
+  after(() => release?.remove());
+
+  it('this restore CLI reads from a receiver of that release (one chunk.get per chunk): disk restore and verify', async () => {
+    const d = await Deployment.start(release.root);
+    try {
+      await d.enroll('old-receiver');
+      const disk = join(d.root, 'disk.img');
+      await writeMixedImage(disk, 16 * MiB, 3);
+      const { pointId } = await d.syncOnce('old-receiver', [disk]);
+      const out = join(d.root, 'restored.img');
+      const restored = await d.restore('old-receiver', disk, pointId, out);
+      assert.equal(await sha256File(out), await sha256File(disk));
+      assert.ok(restored.bytesFetched > 0);
+      const verify = await runJson('restore', ['verify', ...d.restoreArgs('old-receiver'), '--read-data'], { TIDEMARK_TOKEN: d.restoreToken });
+      assert.equal(verify.ok, true);
+      assert.equal(verify.chunksChecked, (await d.receiver.status()).storedChunks);
+    } finally {
+      await d.close();
+    }
+  });
+
+  it('that release\'s agent and restore CLI work with this receiver, and this restore CLI reads what that agent wrote', async () => {
+    const d = await Deployment.start();
+    try {
+      await d.enroll('old-agent', d.keyFile, release.root);
+      const disk = join(d.root, 'disk.img');
+      await writeMixedImage(disk, 16 * MiB, 4);
+      const { pointId } = await d.syncOnce('old-agent', [disk], [], release.root);
+      const byOld = join(d.root, 'by-old.img');
+      await d.restore('old-agent', disk, pointId, byOld, release.root);
+      assert.equal(await sha256File(byOld), await sha256File(disk));
+      const byNew = join(d.root, 'by-new.img');
+      await d.restore('old-agent', disk, pointId, byNew);
+      assert.equal(await sha256File(byNew), await sha256File(disk));
+    } finally {
+      await d.close();
+    }
+  });
+});
