@@ -71,7 +71,7 @@ export class ReceiverProcess {
     private child: ChildProcess,
     public port: number,
     /** The checkout whose receiver this is. */
-    readonly root: string,
+    public root: string,
   ) {}
 
   get url(): string {
@@ -103,9 +103,10 @@ export class ReceiverProcess {
     });
   }
 
-  /** Restarts on the same port (agents keep their address); `SIGKILL` for a crash. */
-  async restart(signal: NodeJS.Signals = 'SIGTERM'): Promise<void> {
+  /** Restarts on the same port (agents keep their address); `SIGKILL` for a crash; `root`: another release's receiver (an upgrade). */
+  async restart(signal: NodeJS.Signals = 'SIGTERM', root = this.root): Promise<void> {
     await this.stop(signal);
+    this.root = root;
     const { child, log } = await ReceiverProcess.serve(this.dataDir, this.port, this.root);
     this.child = child;
     this.logs.push(log);

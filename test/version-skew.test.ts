@@ -4,9 +4,10 @@
 // receiver it reads from.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
+import { copyFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Deployment, runJson } from './harness.js';
-import { sha256File, writeMixedImage } from './fixtures.js';
+import { Deployment, REPO_ROOT, runJson } from './harness.js';
+import { changeBlocks, sha256File, writeMixedImage } from './fixtures.js';
 import { RELEASE_BEFORE_CHUNKS_GET, buildRelease, type Release } from './release.js';
 
 const MiB = 1024 * 1024;
@@ -32,6 +33,37 @@ describe('version skew with the release before chunks.get', { timeout: 300_000 }
       const verify = await runJson('restore', ['verify', ...d.restoreArgs('old-receiver'), '--read-data'], { TIDEMARK_TOKEN: d.restoreToken });
       assert.equal(verify.ok, true);
       assert.equal(verify.chunksChecked, (await d.receiver.status()).storedChunks);
+    } finally {
+      await d.close();
+    }
+  });
+
+  it('this receiver serves a data directory written by that release: old points restore, verify is clean, syncs go on', async () => {
+    const d = await Deployment.start(release.root);
+    try {
+      await d.enroll('upgraded');
+      const disk = join(d.root, 'disk.img');
+      await writeMixedImage(disk, 16 * MiB, 5);
+      const before = join(d.root, 'before.img');
+      copyFileSync(disk, before);
+      const first = await d.syncOnce('upgraded', [disk]);
+      await d.receiver.restart('SIGTERM', REPO_ROOT);
+      const restored = join(d.root, 'first.img');
+      await d.restore('upgraded', disk, first.pointId, restored);
+      assert.equal(await sha256File(restored), await sha256File(before));
+      const changed = await changeBlocks(disk, 64 * 1024, 5, 6);
+      const second = await d.syncOnce('upgraded', [disk]);
+      assert.equal(second.blocksChanged, changed.length);
+      const receiverVerify = await runJson('receiver', ['verify', '--data', d.receiver.dataDir]);
+      assert.equal(receiverVerify.ok, true);
+      const restoreVerify = await runJson('restore', ['verify', ...d.restoreArgs('upgraded'), '--read-data'], { TIDEMARK_TOKEN: d.restoreToken });
+      assert.equal(restoreVerify.ok, true);
+      const again = join(d.root, 'first-again.img');
+      await d.restore('upgraded', disk, first.pointId, again);
+      assert.equal(await sha256File(again), await sha256File(before));
+      const latest = join(d.root, 'second.img');
+      await d.restore('upgraded', disk, second.pointId, latest);
+      assert.equal(await sha256File(latest), await sha256File(disk));
     } finally {
       await d.close();
     }
