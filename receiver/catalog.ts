@@ -6,7 +6,7 @@ import { createHash, randomBytes } from 'node:crypto';
 import { TidemarkError } from '../shared/errors.js';
 import type { HostState, PointInfo } from '../shared/protocol.js';
 
-export const CATALOG_VERSION = 1;
+export const CATALOG_VERSION = 2;
 
 const schema = `
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -26,9 +26,13 @@ CREATE TABLE IF NOT EXISTS pack (
   id INTEGER PRIMARY KEY, vault_id TEXT NOT NULL, file TEXT NOT NULL UNIQUE, size_bytes INTEGER NOT NULL,
   -- 1: no writer appends to it any more; only sealed packs are compacted.
   sealed INTEGER NOT NULL DEFAULT 0);
+-- Chunk rows name their vault by number: its 32-character id was 40 % of every chunk row (v1).
+-- Numbers are allotted at a vault's first chunk and never deleted, so never reused.
+CREATE TABLE IF NOT EXISTS vault_number (number INTEGER PRIMARY KEY, vault_id TEXT NOT NULL UNIQUE);
 CREATE TABLE IF NOT EXISTS chunk (
-  vault_id TEXT NOT NULL, id BLOB NOT NULL, pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
-  PRIMARY KEY (vault_id, id)) WITHOUT ROWID;
+  vault INTEGER NOT NULL REFERENCES vault_number(number), id BLOB NOT NULL,
+  pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+  PRIMARY KEY (vault, id)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS point (
   -- AUTOINCREMENT: ids are never reused, so a host's open point always has its largest id.
   id INTEGER PRIMARY KEY AUTOINCREMENT, host_id INTEGER NOT NULL REFERENCES host(id),
@@ -95,6 +99,7 @@ export class Catalog {
     catalog.db.exec(schema);
     const version = catalog.db.prepare(`SELECT value FROM meta WHERE key = 'catalog_version'`).pluck().get() as string | undefined;
     if (version === undefined) catalog.db.prepare(`INSERT INTO meta VALUES ('catalog_version', ?)`).run(String(CATALOG_VERSION));
+    else if (version === '1') catalog.upgradeFromVersion1();
     else if (Number(version) !== CATALOG_VERSION) {
       catalog.close();
       throw new TidemarkError('E_STORAGE', `catalog ${path} has format version ${version}; this receiver reads version ${CATALOG_VERSION}`, { retryable: false });
@@ -104,6 +109,36 @@ export class Catalog {
 
   close(): void {
     if (this.db.open) this.db.close();
+  }
+
+  /**
+   * Catalog v1 → v2 (SPEC §2): chunk rows keyed by vault number instead of vault id. One
+   * transaction: a crash or a full disk leaves version 1 whole, and the next open tries again.
+   * The rows are copied in key order, so the new table's pages are full.
+   */
+  private upgradeFromVersion1(): void {
+    this.db.transaction(() => {
+      this.db.exec(`
+        INSERT OR IGNORE INTO vault_number (vault_id) SELECT DISTINCT vault_id FROM chunk ORDER BY vault_id;
+        CREATE TABLE chunk_v2 (
+          vault INTEGER NOT NULL REFERENCES vault_number(number), id BLOB NOT NULL,
+          pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+          PRIMARY KEY (vault, id)) WITHOUT ROWID;
+        INSERT INTO chunk_v2 (vault, id, pack_id, offset, length)
+          SELECT n.number, c.id, c.pack_id, c.offset, c.length FROM chunk c JOIN vault_number n ON n.vault_id = c.vault_id ORDER BY n.number, c.id;
+        DROP TABLE chunk;
+        ALTER TABLE chunk_v2 RENAME TO chunk;
+        UPDATE meta SET value = '2' WHERE key = 'catalog_version';`);
+    }).immediate();
+  }
+
+  /** The number chunk rows give the vault; allotted (in a transaction of its own) at its first chunk. */
+  private vaultNumber(vaultId: string): number {
+    const find = this.db.prepare(`SELECT number FROM vault_number WHERE vault_id = ?`).pluck();
+    const found = find.get(vaultId) as number | undefined;
+    if (found !== undefined) return found;
+    this.db.prepare(`INSERT OR IGNORE INTO vault_number (vault_id) VALUES (?)`).run(vaultId);
+    return find.get(vaultId) as number;
   }
 
   // --- tokens and principals ---------------------------------------------
@@ -194,7 +229,7 @@ export class Catalog {
 
   /** Stages block versions into an open point; every referenced chunk must already be stored in the vault. */
   stageBlocks(vaultId: string, pointId: number, diskId: number, blocks: number[], ids: Array<Buffer | null>): void {
-    const hasChunk = this.db.prepare(`SELECT 1 FROM chunk WHERE vault_id = ? AND id = ?`);
+    const hasChunk = this.db.prepare(`SELECT 1 FROM chunk WHERE vault = (SELECT number FROM vault_number WHERE vault_id = ?) AND id = ?`);
     const upsert = this.db.prepare(`INSERT OR REPLACE INTO block_version (disk_id, block_index, point_id, chunk_id) VALUES (?, ?, ?, ?)`);
     this.db.transaction(() => {
       for (let i = 0; i < blocks.length; i++) {
@@ -290,14 +325,14 @@ export class Catalog {
   private chunkLocationStatement: Statement | null = null;
 
   hasChunk(vaultId: string, id: Buffer): boolean {
-    this.hasChunkStatement ??= this.db.prepare(`SELECT 1 FROM chunk WHERE vault_id = ? AND id = ?`);
+    this.hasChunkStatement ??= this.db.prepare(`SELECT 1 FROM chunk WHERE vault = (SELECT number FROM vault_number WHERE vault_id = ?) AND id = ?`);
     return this.hasChunkStatement.get(vaultId, id) !== undefined;
   }
 
   chunkLocation(vaultId: string, id: Buffer): ChunkLocation | undefined {
     this.chunkLocationStatement ??= this.db.prepare(`
       SELECT c.pack_id AS packId, p.file, c.offset, c.length FROM chunk c JOIN pack p ON p.id = c.pack_id
-      WHERE c.vault_id = ? AND c.id = ?`);
+      WHERE c.vault = (SELECT number FROM vault_number WHERE vault_id = ?) AND c.id = ?`);
     return this.chunkLocationStatement.get(vaultId, id) as ChunkLocation | undefined;
   }
 
@@ -307,10 +342,13 @@ export class Catalog {
 
   /** Records chunks whose pack data is already fsynced (the commit-ordering rule, SPEC §5). */
   insertChunks(chunks: NewChunk[], packSizes: Map<number, number>): void {
-    const insert = this.db.prepare(`INSERT OR IGNORE INTO chunk (vault_id, id, pack_id, offset, length) VALUES (?, ?, ?, ?, ?)`);
+    const insert = this.db.prepare(`INSERT OR IGNORE INTO chunk (vault, id, pack_id, offset, length) VALUES (?, ?, ?, ?, ?)`);
     const size = this.db.prepare(`UPDATE pack SET size_bytes = ? WHERE id = ?`);
+    // Before the transaction: a number allotted in it would be gone if it rolled back.
+    const numbers = new Map<string, number>();
+    for (const c of chunks) if (!numbers.has(c.vaultId)) numbers.set(c.vaultId, this.vaultNumber(c.vaultId));
     this.db.transaction(() => {
-      for (const c of chunks) insert.run(c.vaultId, c.id, c.packId, c.offset, c.length);
+      for (const c of chunks) insert.run(numbers.get(c.vaultId), c.id, c.packId, c.offset, c.length);
       for (const [packId, bytes] of packSizes) size.run(bytes, packId);
     }).immediate();
   }
@@ -367,12 +405,13 @@ export class Catalog {
   deleteUnreferencedChunks(): { chunks: number; bytes: number } {
     return this.db.transaction(() => {
       this.db.exec(`
-        CREATE TEMP TABLE IF NOT EXISTS referenced (vault_id TEXT NOT NULL, id BLOB NOT NULL, PRIMARY KEY (vault_id, id)) WITHOUT ROWID;
+        CREATE TEMP TABLE IF NOT EXISTS referenced (vault INTEGER NOT NULL, id BLOB NOT NULL, PRIMARY KEY (vault, id)) WITHOUT ROWID;
         DELETE FROM temp.referenced;
         INSERT OR IGNORE INTO temp.referenced
-          SELECT h.vault_id, bv.chunk_id FROM block_version bv JOIN disk d ON d.id = bv.disk_id JOIN host h ON h.id = d.host_id
+          SELECT n.number, bv.chunk_id FROM block_version bv JOIN disk d ON d.id = bv.disk_id JOIN host h ON h.id = d.host_id
+            JOIN vault_number n ON n.vault_id = h.vault_id
           WHERE bv.chunk_id IS NOT NULL;`);
-      const dead = `NOT EXISTS (SELECT 1 FROM temp.referenced r WHERE r.vault_id = chunk.vault_id AND r.id = chunk.id)`;
+      const dead = `NOT EXISTS (SELECT 1 FROM temp.referenced r WHERE r.vault = chunk.vault AND r.id = chunk.id)`;
       const freed = this.db.prepare(`SELECT COUNT(*) AS chunks, COALESCE(SUM(length), 0) AS bytes FROM chunk WHERE ${dead}`).get() as { chunks: number; bytes: number };
       this.db.prepare(`DELETE FROM chunk WHERE ${dead}`).run();
       this.db.exec(`DELETE FROM temp.referenced`);
@@ -393,14 +432,15 @@ export class Catalog {
   }
 
   liveChunksOf(packId: number): Array<{ vaultId: string; id: Buffer; offset: number; length: number }> {
-    return this.db.prepare(`SELECT vault_id AS vaultId, id, offset, length FROM chunk WHERE pack_id = ? ORDER BY offset`).all(packId) as
-      Array<{ vaultId: string; id: Buffer; offset: number; length: number }>;
+    return this.db.prepare(`
+      SELECT n.vault_id AS vaultId, c.id, c.offset, c.length FROM chunk c JOIN vault_number n ON n.number = c.vault
+      WHERE c.pack_id = ? ORDER BY c.offset`).all(packId) as Array<{ vaultId: string; id: Buffer; offset: number; length: number }>;
   }
 
   /** Points the copied chunks at their new pack and forgets the old one, atomically. */
   replacePack(oldPackId: number, newPackId: number, moved: Array<{ vaultId: string; id: Buffer; offset: number }>, newSizeBytes: number): void {
     this.db.transaction(() => {
-      const move = this.db.prepare(`UPDATE chunk SET pack_id = ?, offset = ? WHERE vault_id = ? AND id = ? AND pack_id = ?`);
+      const move = this.db.prepare(`UPDATE chunk SET pack_id = ?, offset = ? WHERE vault = (SELECT number FROM vault_number WHERE vault_id = ?) AND id = ? AND pack_id = ?`);
       for (const m of moved) move.run(newPackId, m.offset, m.vaultId, m.id, oldPackId);
       const left = this.db.prepare(`SELECT COUNT(*) FROM chunk WHERE pack_id = ?`).pluck().get(oldPackId) as number;
       if (left > 0) throw new TidemarkError('E_STORAGE', `pack ${oldPackId} still holds ${left} chunks after compaction; left in place`);
@@ -435,7 +475,7 @@ export class Catalog {
         WHERE bv.disk_id IN (SELECT disk_id FROM point_disk WHERE point_id = :p) AND bv.point_id <= :p
         GROUP BY bv.disk_id, bv.block_index)
       SELECT COALESCE(SUM(c.length), 0) FROM chunk c
-      WHERE c.vault_id = (SELECT h.vault_id FROM point p JOIN host h ON h.id = p.host_id WHERE p.id = :p)
+      WHERE c.vault = (SELECT n.number FROM point p JOIN host h ON h.id = p.host_id JOIN vault_number n ON n.vault_id = h.vault_id WHERE p.id = :p)
         AND c.id IN (SELECT chunk_id FROM newest WHERE chunk_id IS NOT NULL)`).pluck().get({ p: pointId }) as number;
   }
 

@@ -62,7 +62,8 @@ interface PackRow {
 }
 
 interface ChunkRow {
-  vaultId: string;
+  /** null when the chunk's vault number is not in vault_number (a damaged catalog). */
+  vaultId: string | null;
   id: Buffer;
   packId: number;
   offset: number;
@@ -149,6 +150,10 @@ export function verifyDataDir(dir: DataDir): ReceiverVerifyReport {
   const findings: Finding[] = [];
   try {
     const version = db.prepare(`SELECT value FROM meta WHERE key = 'catalog_version'`).pluck().get() as string | undefined;
+    if (version === '1') {
+      // Read-only here; serve and prune upgrade it (SPEC §2).
+      throw new TidemarkError('E_STORAGE', `catalog ${dir.catalogPath} is version 1, from an earlier release; start tidemark-receiver serve (or run prune) once to upgrade it, then verify`, { retryable: false });
+    }
     if (Number(version) !== CATALOG_VERSION) {
       throw new TidemarkError('E_STORAGE', `catalog ${dir.catalogPath} has format version ${version ?? 'none'}; this receiver reads version ${CATALOG_VERSION}`, { retryable: false });
     }
@@ -241,7 +246,10 @@ function checkPacks(db: Database.Database, packDir: string, catalogPath: string,
     return pack;
   };
 
-  const chunks = db.prepare(`SELECT vault_id AS vaultId, id, pack_id AS packId, offset, length FROM chunk ORDER BY pack_id, offset`);
+  // LEFT JOIN: a chunk whose vault number is not listed is still checked (foreign_key_check reports the number).
+  const chunks = db.prepare(`
+    SELECT n.vault_id AS vaultId, c.id, c.pack_id AS packId, c.offset, c.length FROM chunk c LEFT JOIN vault_number n ON n.number = c.vault
+    ORDER BY c.pack_id, c.offset`);
   for (const chunk of chunks.iterate() as IterableIterator<ChunkRow>) {
     const idHex = chunk.id.toString('hex');
     const row = packById.get(chunk.packId);
@@ -319,7 +327,8 @@ function checkReferences(db: Database.Database, findings: Finding[]): void {
   const missing = db.prepare(`
     SELECT DISTINCT h.vault_id AS vaultId, bv.chunk_id AS id
     FROM block_version bv JOIN disk d ON d.id = bv.disk_id JOIN host h ON h.id = d.host_id
-    WHERE bv.chunk_id IS NOT NULL AND NOT EXISTS (SELECT 1 FROM chunk c WHERE c.vault_id = h.vault_id AND c.id = bv.chunk_id)`)
+    WHERE bv.chunk_id IS NOT NULL
+      AND NOT EXISTS (SELECT 1 FROM chunk c JOIN vault_number n ON n.number = c.vault WHERE n.vault_id = h.vault_id AND c.id = bv.chunk_id)`)
     .all() as Array<{ vaultId: string; id: Buffer }>;
   for (const m of missing) {
     const idHex = m.id.toString('hex');

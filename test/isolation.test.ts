@@ -82,10 +82,10 @@ describe('isolation between hosts and vaults', () => {
     assert.equal(b.chunksDeduplicated, a.chunksUploaded);
     assert.equal(c.chunksUploaded, a.chunksUploaded, 'C, in another vault, uploads every chunk again');
     assert.equal(c.chunksDeduplicated, 0);
-    const perVault = catalog<{ vault: string; n: number }>(`SELECT vault_id AS vault, COUNT(*) AS n FROM chunk GROUP BY vault_id ORDER BY vault_id`);
+    const perVault = catalog<{ vault: string; n: number }>(`SELECT n.vault_id AS vault, COUNT(*) AS n FROM chunk c JOIN vault_number n ON n.number = c.vault GROUP BY n.vault_id ORDER BY n.vault_id`);
     assert.deepEqual(perVault.map((r) => r.n), [a.chunksUploaded, a.chunksUploaded]);
     // The same plaintext has different ids in the two vaults.
-    const ids = (vault: string) => new Set(catalog<{ id: Buffer }>(`SELECT id FROM chunk WHERE vault_id = ?`, vault).map((r) => r.id.toString('hex')));
+    const ids = (vault: string) => new Set(catalog<{ id: Buffer }>(`SELECT c.id FROM chunk c JOIN vault_number n ON n.number = c.vault WHERE n.vault_id = ?`, vault).map((r) => r.id.toString('hex')));
     const inAB = ids(keysAB.vaultId);
     assert.equal([...ids(keysC.vaultId)].filter((id) => inAB.has(id)).length, 0);
   });
@@ -256,8 +256,8 @@ describe('isolation between hosts and vaults', () => {
 
   it('swapping two stored ciphertexts (checksums rewritten) fails restore authentication, naming the chunk', async () => {
     const raw = catalog<{ id: Buffer; file: string; offset: number; length: number }>(`
-      SELECT c.id, p.file, c.offset, c.length FROM chunk c JOIN pack p ON p.id = c.pack_id
-      WHERE c.vault_id = ? AND c.length = ? AND c.id IN (SELECT chunk_id FROM block_version WHERE disk_id = ?)
+      SELECT c.id, p.file, c.offset, c.length FROM chunk c JOIN pack p ON p.id = c.pack_id JOIN vault_number n ON n.number = c.vault
+      WHERE n.vault_id = ? AND c.length = ? AND c.id IN (SELECT chunk_id FROM block_version WHERE disk_id = ?)
       ORDER BY p.id, c.offset`, keysAB.vaultId, BLOCK + 52, diskIds['host-a']);
     assert.ok(raw.length >= 2, 'the image has incompressible blocks stored at equal length');
     const [x, y] = [raw[0]!, raw[1]!];

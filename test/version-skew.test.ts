@@ -5,8 +5,10 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { copyFileSync } from 'node:fs';
+import Database from 'better-sqlite3';
+import { CATALOG_VERSION } from '../receiver/catalog.js';
 import { join } from 'node:path';
-import { Deployment, REPO_ROOT, runJson } from './harness.js';
+import { Deployment, REPO_ROOT, runCli, runJson } from './harness.js';
 import { changeBlocks, sha256File, writeMixedImage } from './fixtures.js';
 import { RELEASE_BEFORE_CHUNKS_GET, buildRelease, type Release } from './release.js';
 
@@ -47,7 +49,23 @@ describe('version skew with the release before chunks.get', { timeout: 300_000 }
       const before = join(d.root, 'before.img');
       copyFileSync(disk, before);
       const first = await d.syncOnce('upgraded', [disk]);
+      const written = await d.receiver.status();
+      await d.receiver.stop();
+      // verify only reads: it names the command that upgrades, and leaves the directory as it was.
+      const early = await runCli('receiver', ['verify', '--data', d.receiver.dataDir]);
+      assert.notEqual(early.code, 0);
+      assert.match(early.stderr, /catalog .* is version 1, from an earlier release; start tidemark-receiver serve \(or run prune\) once to upgrade it/);
       await d.receiver.restart('SIGTERM', REPO_ROOT);
+      // Its catalog (version 1) was upgraded in place, every chunk row carried over.
+      const upgraded = await d.receiver.status();
+      assert.equal(upgraded.storedChunks, written.storedChunks);
+      assert.equal(upgraded.storedChunkBytes, written.storedChunkBytes);
+      const catalog = new Database(join(d.receiver.dataDir, 'catalog.db'), { readonly: true });
+      try {
+        assert.equal(catalog.prepare(`SELECT value FROM meta WHERE key = 'catalog_version'`).pluck().get(), String(CATALOG_VERSION));
+      } finally {
+        catalog.close();
+      }
       const restored = join(d.root, 'first.img');
       await d.restore('upgraded', disk, first.pointId, restored);
       assert.equal(await sha256File(restored), await sha256File(before));
