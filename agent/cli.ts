@@ -58,13 +58,14 @@ program.command('scan')
 
 program.command('run')
   .description('replicate the disks: continuously, or one cycle with --once')
-  .option('--config <file>', 'JSON settings {state, disks, interval, blockSize, bwlimit, tracker}; flags override them')
+  .option('--config <file>', 'JSON settings {state, disks, interval, blockSize, bwlimit, tracker, snapshot}; flags override them')
   .option('--state <dir>', 'agent state directory')
   .option('--disk <path>', 'disk or image file to protect (repeatable)', (v: string, all: string[] = []) => [...all, v])
   .option('--interval <duration>', 'time between recovery points (default 10s)')
   .option('--block-size <size>', 'block size for disks synced the first time, a power of two from 4K to 1M (default 64K)')
   .option('--bwlimit <size>', 'cap on bytes sent per second, e.g. 20M (default: unlimited)')
   .addOption(new Option('--tracker <kind>', 'change tracking (default auto: tracefs for block devices when available)').choices(['auto', 'tracefs', 'scan']))
+  .addOption(new Option('--snapshot <mode>', 'hash scans of image files read a reflink clone (XFS, Btrfs) when the filesystem can make one (default auto)').choices(['auto', 'off']))
   .option('--once', 'one sync cycle (initial or incremental), commit one point, exit')
   .addOption(passphraseFileOption())
   .option('--json', 'progress and each point as JSON lines on stdout')
@@ -80,7 +81,9 @@ program.command('run')
     const log = createLogger('tidemark-agent', flags.once ? 'warn' : 'info');
     try {
       const keys = VaultKeys.fromMaster(openKeyFile(state.enrollment()!.keyFile, readPassphrase(flags.passphraseFile)));
-      const common = { state, keys, diskPaths: opts.disks, blockBytes, bytesPerSecond: opts.bwlimit ? parseSizeBytes(opts.bwlimit) : 0, json: !!flags.json, log };
+      const common = {
+        state, keys, diskPaths: opts.disks, blockBytes, bytesPerSecond: opts.bwlimit ? parseSizeBytes(opts.bwlimit) : 0, snapshot: opts.snapshot, json: !!flags.json, log,
+      };
       if (flags.once) {
         state.saveStatus({ tracker: 'scan', reason: 'run --once compares block hashes' });
         const result = await syncOnce(common);
@@ -100,7 +103,7 @@ program.command('run')
 
 interface RunFlags {
   config?: string; state?: string; disk?: string[]; interval?: string; blockSize?: string; bwlimit?: string;
-  tracker?: 'auto' | 'tracefs' | 'scan'; once?: boolean; passphraseFile?: string; json?: boolean;
+  tracker?: 'auto' | 'tracefs' | 'scan'; snapshot?: 'auto' | 'off'; once?: boolean; passphraseFile?: string; json?: boolean;
 }
 
 const runConfigSchema = z.object({
@@ -110,6 +113,7 @@ const runConfigSchema = z.object({
   blockSize: z.string().optional(),
   bwlimit: z.string().optional(),
   tracker: z.enum(['auto', 'tracefs', 'scan']).optional(),
+  snapshot: z.enum(['auto', 'off']).optional(),
 }).strict();
 
 /** Flags over the --config file over defaults. Disks are named by absolute path: `disk.img` and `./disk.img` are one disk. */
@@ -132,13 +136,14 @@ function withConfig(flags: RunFlags) {
     blockSize: flags.blockSize ?? config.blockSize ?? '64K',
     bwlimit: flags.bwlimit ?? config.bwlimit,
     tracker: flags.tracker ?? config.tracker ?? 'auto',
+    snapshot: flags.snapshot ?? config.snapshot ?? 'auto',
   };
 }
 
 function reportResult(result: PointEvent, json: boolean): void {
   if (json) return void process.stdout.write(JSON.stringify({ event: 'point', ...result }) + '\n');
   process.stdout.write(
-    `point ${result.pointId} at ${result.time}${result.crashConsistent ? '' : ' (NOT crash-consistent)'} [${result.tracker}, ${result.mode}]: ` +
+    `point ${result.pointId} at ${result.time}${result.crashConsistent ? '' : ' (NOT crash-consistent)'} [${result.tracker}, ${result.mode}${result.snapshot ? ', reflink snapshot' : ''}]: ` +
     `read ${formatBytes(result.bytesRead ?? 0)}, ${result.blocksChanged ?? 0} blocks changed, ` +
     `uploaded ${result.chunksUploaded ?? 0} chunks (${formatBytes(result.bytesUploaded ?? 0)}), ${result.chunksDeduplicated ?? 0} already stored, ` +
     `${((result.durationMs ?? 0) / 1000).toFixed(1)} s\n`,

@@ -40,6 +40,8 @@ export interface ReplicatorOptions {
   bytesPerSecond: number;
   intervalMs: number;
   tracker: 'auto' | 'tracefs' | 'scan';
+  /** Hash scans of image files read reflink clones where possible (SyncOptions.snapshot). */
+  snapshot?: 'auto' | 'off';
   json: boolean;
   log: Logger;
   /** Workers to use; without one, replicate() starts its own for its whole run. */

@@ -14,6 +14,7 @@ import type { Logger } from '../shared/log.js';
 import { Progress, ProgressReporter } from '../shared/progress.js';
 import { MAX_IDS_PER_QUERY, SESSION_PATH } from '../shared/protocol.js';
 import { changeCounters } from './change-counter.js';
+import { snapshotImages } from './image-snapshot.js';
 import { DiskReader } from '../shared/disk-reader.js';
 import { blockCountOf, blockOf, zeroHash } from './block-work.js';
 import { BlockPool, type ScannedBlocks } from './block-pool.js';
@@ -43,12 +44,16 @@ export interface SyncOptions {
   log: Logger;
   /** Workers to use; without one, the sync starts its own and closes it. */
   pool?: BlockPool;
+  /** auto (default): each pass reads reflink clones of the images where their filesystem can make them (agent/image-snapshot.ts). */
+  snapshot?: 'auto' | 'off';
 }
 
 export interface SyncResult {
   pointId: number;
   time: string;
   crashConsistent: boolean;
+  /** The last pass read reflink clones of the images (agent/image-snapshot.ts). */
+  snapshot: boolean;
   initial: boolean;
   /** Continued a point an interrupted run had begun (its staged blocks were kept). */
   resumed: boolean;
@@ -136,17 +141,32 @@ async function syncAttempt(opts: SyncOptions, pool: BlockPool): Promise<SyncResu
     let consistent = false;
     let passes = 0;
     let cutMs = Date.now();
+    let snapshotted = false;
     while (!consistent && passes < MAX_PASSES) {
       // A resumed first pass read part of the disks before the interruption: it cannot prove anything.
       const fromWatermark = passes === 0 && begun.resumed;
-      const before = changeCounters(paths);
       const phase = initial ? (passes === 0 ? 'initial sync' : 'initial sync (converging)') : passes === 0 ? 'incremental sync' : 'incremental sync (converging)';
       state.saveStatus({ state: initial ? 'InitialSync' : 'Replicating', reason: phase });
       void reportStatus(conn, state);
-      await scanPass(conn, opts, pool, begun.pointId, targets, passes === 0, fromWatermark, phase, totals);
-      cutMs = Date.now();
+      const snapshots = opts.snapshot === 'off' ? { unavailable: 'snapshots are off' } : await snapshotImages(paths);
+      if ('unavailable' in snapshots) {
+        if (passes === 0) opts.log.debug({ reason: snapshots.unavailable }, 'reading the live disks');
+        const before = changeCounters(paths);
+        await scanPass(conn, opts, pool, begun.pointId, targets, paths, passes === 0, fromWatermark, phase, totals);
+        cutMs = Date.now();
+        consistent = !fromWatermark && changeCounters(paths).every((c, i) => c === before[i]);
+        snapshotted = false;
+      } else {
+        try {
+          await scanPass(conn, opts, pool, begun.pointId, targets, snapshots.readPaths, passes === 0, fromWatermark, phase, totals);
+        } finally {
+          await snapshots.remove();
+        }
+        cutMs = snapshots.cutMs;
+        consistent = !fromWatermark;
+        snapshotted = true;
+      }
       passes++;
-      consistent = !fromWatermark && changeCounters(paths).every((c, i) => c === before[i]);
     }
 
     await conn.request('point.commit', {
@@ -166,7 +186,10 @@ async function syncAttempt(opts: SyncOptions, pool: BlockPool): Promise<SyncResu
     });
     await reportStatus(conn, state);
     opts.log.info({ pointId: begun.pointId, crashConsistent: consistent, passes, ...totals }, 'point committed');
-    return { pointId: begun.pointId, time: new Date(cutMs).toISOString(), crashConsistent: consistent, initial, resumed: begun.resumed, passes, ...totals, durationMs: Date.now() - startedMs };
+    return {
+      pointId: begun.pointId, time: new Date(cutMs).toISOString(), crashConsistent: consistent, snapshot: snapshotted,
+      initial, resumed: begun.resumed, passes, ...totals, durationMs: Date.now() - startedMs,
+    };
   } finally {
     conn.close();
   }
@@ -200,8 +223,10 @@ export async function registerDisk(conn: ReceiverConnection, state: AgentState, 
   return { target, fill, resumable: sameDisk };
 }
 
+/** Reads each target from `readPaths` (the disks themselves, or clones of them). */
 async function scanPass(
-  conn: ReceiverConnection, opts: SyncOptions, pool: BlockPool, pointId: number, targets: Target[], firstPass: boolean, fromWatermark: boolean, phase: string, totals: Totals,
+  conn: ReceiverConnection, opts: SyncOptions, pool: BlockPool, pointId: number, targets: Target[], readPaths: string[],
+  firstPass: boolean, fromWatermark: boolean, phase: string, totals: Totals,
 ): Promise<void> {
   const start = (t: Target) => (fromWatermark ? t.record.watermark : 0);
   const progress = new Progress(phase, targets.reduce((sum, t) => sum + Math.max(0, t.record.sizeBytes - start(t) * t.record.blockBytes), 0));
@@ -218,10 +243,10 @@ async function scanPass(
       void reportStatus(conn, opts.state);
     }
   };
-  for (const target of targets) {
+  for (const [i, target] of targets.entries()) {
     // The first pass compares with the last point's hashes: legacy ones, if that is all the disk has.
     const legacyPath = firstPass ? opts.state.legacyShippedPath(target.record) : null;
-    await scanDisk(conn, opts, pool, pointId, target, start(target), legacyPath, totals, onBatchDone);
+    await scanDisk(conn, opts, pool, pointId, target, readPaths[i]!, start(target), legacyPath, totals, onBatchDone);
   }
   reporter.report(progress, true);
   reporter.done();
@@ -235,7 +260,7 @@ async function scanPass(
  * then its hashes are durable, then the watermark moves past it.
  */
 async function scanDisk(
-  conn: ReceiverConnection, opts: SyncOptions, pool: BlockPool, pointId: number, target: Target, startBlock: number,
+  conn: ReceiverConnection, opts: SyncOptions, pool: BlockPool, pointId: number, target: Target, readPath: string, startBlock: number,
   legacyPath: string | null, totals: Totals, onBatchDone: (bytes: number) => void,
 ): Promise<void> {
   const { record } = target;
@@ -250,7 +275,7 @@ async function scanDisk(
   let reader: DiskReader | undefined;
   try {
     legacy = legacyPath === null ? undefined : HashFile.open(legacyPath);
-    reader = await DiskReader.open(record.path, batchBlocks * record.blockBytes);
+    reader = await DiskReader.open(readPath, batchBlocks * record.blockBytes);
     let previous: Promise<void> = Promise.resolve();
     const nextTurn = shipTurns();
     for (let first = startBlock; first < target.blockCount && !failed; first += batchBlocks) {
