@@ -8,6 +8,12 @@ import type { HostState, PointInfo } from '../shared/protocol.js';
 
 export const CATALOG_VERSION = 2;
 
+/** The chunk table's definition: the schema's, and what a version 1 catalog's rows are copied into. */
+const CHUNK_TABLE = `(
+  vault INTEGER NOT NULL REFERENCES vault_number(number), id BLOB NOT NULL,
+  pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
+  PRIMARY KEY (vault, id)) WITHOUT ROWID`;
+
 const schema = `
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS token (
@@ -29,10 +35,7 @@ CREATE TABLE IF NOT EXISTS pack (
 -- Chunk rows name their vault by number: its 32-character id was 40 % of every chunk row (v1).
 -- Numbers are allotted at a vault's first chunk and never deleted, so never reused.
 CREATE TABLE IF NOT EXISTS vault_number (number INTEGER PRIMARY KEY, vault_id TEXT NOT NULL UNIQUE);
-CREATE TABLE IF NOT EXISTS chunk (
-  vault INTEGER NOT NULL REFERENCES vault_number(number), id BLOB NOT NULL,
-  pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
-  PRIMARY KEY (vault, id)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS chunk ${CHUNK_TABLE};
 CREATE TABLE IF NOT EXISTS point (
   -- AUTOINCREMENT: ids are never reused, so a host's open point always has its largest id.
   id INTEGER PRIMARY KEY AUTOINCREMENT, host_id INTEGER NOT NULL REFERENCES host(id),
@@ -120,10 +123,7 @@ export class Catalog {
     this.db.transaction(() => {
       this.db.exec(`
         INSERT OR IGNORE INTO vault_number (vault_id) SELECT DISTINCT vault_id FROM chunk ORDER BY vault_id;
-        CREATE TABLE chunk_v2 (
-          vault INTEGER NOT NULL REFERENCES vault_number(number), id BLOB NOT NULL,
-          pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
-          PRIMARY KEY (vault, id)) WITHOUT ROWID;
+        CREATE TABLE chunk_v2 ${CHUNK_TABLE};
         INSERT INTO chunk_v2 (vault, id, pack_id, offset, length)
           SELECT n.number, c.id, c.pack_id, c.offset, c.length FROM chunk c JOIN vault_number n ON n.vault_id = c.vault_id ORDER BY n.number, c.id;
         DROP TABLE chunk;
