@@ -14,6 +14,9 @@ const CHUNK_TABLE = `(
   pack_id INTEGER NOT NULL, offset INTEGER NOT NULL, length INTEGER NOT NULL,
   PRIMARY KEY (vault, id)) WITHOUT ROWID`;
 
+/** SQL for the number of the vault named by the next `?` (NULL when it has no chunks yet). */
+const VAULT_NUMBER_OF = `(SELECT number FROM vault_number WHERE vault_id = ?)`;
+
 const schema = `
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS token (
@@ -229,7 +232,7 @@ export class Catalog {
 
   /** Stages block versions into an open point; every referenced chunk must already be stored in the vault. */
   stageBlocks(vaultId: string, pointId: number, diskId: number, blocks: number[], ids: Array<Buffer | null>): void {
-    const hasChunk = this.db.prepare(`SELECT 1 FROM chunk WHERE vault = (SELECT number FROM vault_number WHERE vault_id = ?) AND id = ?`);
+    const hasChunk = this.db.prepare(`SELECT 1 FROM chunk WHERE vault = ${VAULT_NUMBER_OF} AND id = ?`);
     const upsert = this.db.prepare(`INSERT OR REPLACE INTO block_version (disk_id, block_index, point_id, chunk_id) VALUES (?, ?, ?, ?)`);
     this.db.transaction(() => {
       for (let i = 0; i < blocks.length; i++) {
@@ -325,14 +328,14 @@ export class Catalog {
   private chunkLocationStatement: Statement | null = null;
 
   hasChunk(vaultId: string, id: Buffer): boolean {
-    this.hasChunkStatement ??= this.db.prepare(`SELECT 1 FROM chunk WHERE vault = (SELECT number FROM vault_number WHERE vault_id = ?) AND id = ?`);
+    this.hasChunkStatement ??= this.db.prepare(`SELECT 1 FROM chunk WHERE vault = ${VAULT_NUMBER_OF} AND id = ?`);
     return this.hasChunkStatement.get(vaultId, id) !== undefined;
   }
 
   chunkLocation(vaultId: string, id: Buffer): ChunkLocation | undefined {
     this.chunkLocationStatement ??= this.db.prepare(`
       SELECT c.pack_id AS packId, p.file, c.offset, c.length FROM chunk c JOIN pack p ON p.id = c.pack_id
-      WHERE c.vault = (SELECT number FROM vault_number WHERE vault_id = ?) AND c.id = ?`);
+      WHERE c.vault = ${VAULT_NUMBER_OF} AND c.id = ?`);
     return this.chunkLocationStatement.get(vaultId, id) as ChunkLocation | undefined;
   }
 
@@ -440,7 +443,7 @@ export class Catalog {
   /** Points the copied chunks at their new pack and forgets the old one, atomically. */
   replacePack(oldPackId: number, newPackId: number, moved: Array<{ vaultId: string; id: Buffer; offset: number }>, newSizeBytes: number): void {
     this.db.transaction(() => {
-      const move = this.db.prepare(`UPDATE chunk SET pack_id = ?, offset = ? WHERE vault = (SELECT number FROM vault_number WHERE vault_id = ?) AND id = ? AND pack_id = ?`);
+      const move = this.db.prepare(`UPDATE chunk SET pack_id = ?, offset = ? WHERE vault = ${VAULT_NUMBER_OF} AND id = ? AND pack_id = ?`);
       for (const m of moved) move.run(newPackId, m.offset, m.vaultId, m.id, oldPackId);
       const left = this.db.prepare(`SELECT COUNT(*) FROM chunk WHERE pack_id = ?`).pluck().get(oldPackId) as number;
       if (left > 0) throw new TidemarkError('E_STORAGE', `pack ${oldPackId} still holds ${left} chunks after compaction; left in place`);

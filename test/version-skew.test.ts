@@ -5,14 +5,23 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { copyFileSync } from 'node:fs';
+import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { CATALOG_VERSION } from '../receiver/catalog.js';
-import { join } from 'node:path';
 import { Deployment, REPO_ROOT, runCli, runJson } from './harness.js';
 import { changeBlocks, sha256File, writeMixedImage } from './fixtures.js';
 import { RELEASE_BEFORE_CHUNKS_GET, buildRelease, type Release } from './release.js';
 
 const MiB = 1024 * 1024;
+
+function catalogVersion(d: Deployment): unknown {
+  const catalog = new Database(join(d.receiver.dataDir, 'catalog.db'), { readonly: true });
+  try {
+    return catalog.prepare(`SELECT value FROM meta WHERE key = 'catalog_version'`).pluck().get();
+  } finally {
+    catalog.close();
+  }
+}
 
 describe('version skew with the release before chunks.get', { timeout: 300_000 }, () => {
   let release: Release;
@@ -55,17 +64,13 @@ describe('version skew with the release before chunks.get', { timeout: 300_000 }
       const early = await runCli('receiver', ['verify', '--data', d.receiver.dataDir]);
       assert.notEqual(early.code, 0);
       assert.match(early.stderr, /catalog .* is version 1, from an earlier release; start tidemark-receiver serve \(or run prune\) once to upgrade it/);
+      assert.equal(catalogVersion(d), '1');
       await d.receiver.restart('SIGTERM', REPO_ROOT);
       // Its catalog (version 1) was upgraded in place, every chunk row carried over.
       const upgraded = await d.receiver.status();
       assert.equal(upgraded.storedChunks, written.storedChunks);
       assert.equal(upgraded.storedChunkBytes, written.storedChunkBytes);
-      const catalog = new Database(join(d.receiver.dataDir, 'catalog.db'), { readonly: true });
-      try {
-        assert.equal(catalog.prepare(`SELECT value FROM meta WHERE key = 'catalog_version'`).pluck().get(), String(CATALOG_VERSION));
-      } finally {
-        catalog.close();
-      }
+      assert.equal(catalogVersion(d), String(CATALOG_VERSION));
       const restored = join(d.root, 'first.img');
       await d.restore('upgraded', disk, first.pointId, restored);
       assert.equal(await sha256File(restored), await sha256File(before));
