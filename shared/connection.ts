@@ -5,9 +5,10 @@
 import { connect as tlsConnect, type TLSSocket } from 'node:tls';
 import WebSocket from 'ws';
 import { TidemarkError, asTidemarkError } from './errors.js';
+import { FrameRing } from './frame-ring.js';
 import {
   MAX_FRAME_BYTES, PROTOCOL_HEADER, PROTOCOL_VERSION,
-  decodeReply, encodeFrame, parseReply, type ReceiverFeature, type Reply, type RequestBody, type RequestType,
+  chunkPutFrame, decodeReply, encodeFrame, parseReply, type ReceiverFeature, type Reply, type RequestBody, type RequestType,
 } from './protocol.js';
 
 export function normalizeFingerprint(fp: string): string {
@@ -76,6 +77,8 @@ export interface ConnectionOptions {
 export const HEARTBEAT_MS = 15_000;
 
 const WRITE_HIGH_WATER_BYTES = 8 * 1024 * 1024;
+/** Room for every frame the high-water mark lets wait, plus the space a wrap can leave unused. */
+const FRAME_RING_BYTES = WRITE_HIGH_WATER_BYTES + 2 * MAX_FRAME_BYTES;
 
 interface Pending {
   type: RequestType;
@@ -94,6 +97,7 @@ export class ReceiverConnection {
   private lastAliveMs = Date.now();
   private readonly heartbeat: NodeJS.Timeout;
   private receiverFeatures = new Set<string>();
+  private readonly frameRing = new FrameRing(FRAME_RING_BYTES);
 
   private constructor(private readonly ws: WebSocket, bytesPerSecond: number, heartbeatMs: number) {
     this.limiter = bytesPerSecond > 0 ? new RateLimiter(bytesPerSecond) : null;
@@ -188,7 +192,7 @@ export class ReceiverConnection {
     await this.waitWritable();
     if (this.closedError) throw this.closedError;
     const rid = this.nextRid++;
-    const frame = encodeFrame({ ...body, t: type, rid });
+    const frame = this.encode(type, body, rid);
     if (this.limiter) await this.limiter.take(frame.length);
     if (this.closedError) throw this.closedError;
     const reply = new Promise<Record<string, unknown>>((resolve, reject) => this.pending.set(rid, { type, resolve, reject }));
@@ -196,6 +200,7 @@ export class ReceiverConnection {
     this.ws.send(frame, { binary: true }, () => {
       this.alive();
       this.unflushedBytes -= frame.length;
+      this.frameRing.release(frame);
       this.wakeWriter();
     });
     // Room left: let the next waiting request go too (one at a time, so they do not all wake to re-check).
@@ -204,6 +209,13 @@ export class ReceiverConnection {
     // A caller that gives up before awaiting the reply (an earlier request failed) must not leave an unhandled rejection.
     parsed.catch(() => {});
     return { reply: parsed };
+  }
+
+  /** chunk.put, most of what an agent sends, is written into reused memory; the rest by msgpackr. */
+  private encode<T extends RequestType>(type: T, body: RequestBody<T>, rid: number): Buffer {
+    if (type !== 'chunk.put') return encodeFrame({ ...body, t: type, rid });
+    const { id, data } = body as RequestBody<'chunk.put'>;
+    return chunkPutFrame(rid, id, data, (bytes) => this.frameRing.take(bytes));
   }
 
   close(): void {

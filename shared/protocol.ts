@@ -189,11 +189,38 @@ export function okFrame(ridValue: number, body: object): Buffer {
   return encodeFrame({ ...body, t: 'ok', rid: ridValue });
 }
 
+const BIN32_HEAD_BYTES = 5;
+
+/** {t: 'chunk.put', rid: uint32, id: bin8, data: bin32}: the head of a chunk.put, rid and lengths filled in per frame. */
+const CHUNK_PUT_HEAD = Buffer.from('84' + 'a174' + 'a9' + Buffer.from('chunk.put').toString('hex') + 'a3726964' + 'ce00000000' + 'a26964' + 'c400', 'hex');
+const CHUNK_PUT_RID_AT = 18;
+const CHUNK_PUT_ID_LENGTH_AT = 26;
+const CHUNK_PUT_DATA_KEY = Buffer.from('a464617461', 'hex');
+
+/**
+ * encodeFrame of a chunk.put request, written directly into memory the caller
+ * provides (`allocate`): the agent sends one per stored chunk, and reuses that
+ * memory (shared/frame-ring.ts) rather than leave a fresh buffer per chunk for
+ * the garbage collector. The same msgpack map the receiver decodes from any encoder.
+ */
+export function chunkPutFrame(ridValue: number, id: Uint8Array, data: Uint8Array, allocate: (bytes: number) => Buffer = Buffer.allocUnsafe): Buffer {
+  const dataAt = CHUNK_PUT_HEAD.length + id.length + CHUNK_PUT_DATA_KEY.length;
+  const frame = allocate(dataAt + BIN32_HEAD_BYTES + data.length);
+  CHUNK_PUT_HEAD.copy(frame);
+  frame.writeUInt32BE(ridValue, CHUNK_PUT_RID_AT);
+  frame.writeUInt8(id.length, CHUNK_PUT_ID_LENGTH_AT);
+  frame.set(id, CHUNK_PUT_HEAD.length);
+  CHUNK_PUT_DATA_KEY.copy(frame, dataAt - CHUNK_PUT_DATA_KEY.length);
+  frame[dataAt] = 0xc6;
+  frame.writeUInt32BE(data.length, dataAt + 1);
+  frame.set(data, dataAt + BIN32_HEAD_BYTES);
+  return frame;
+}
+
 /** {t: 'ok', rid: uint32, data: array16}: the head of a chunks.get reply, rid and count filled in per reply. */
 const CHUNKS_REPLY_HEAD = Buffer.from('83' + 'a174' + 'a26f6b' + 'a3726964' + 'ce00000000' + 'a464617461' + 'dc0000', 'hex');
 const CHUNKS_REPLY_RID_AT = 11;
 const CHUNKS_REPLY_COUNT_AT = 21;
-const BIN32_HEAD_BYTES = 5;
 
 /**
  * okFrame(rid, {data: envelopes}) for a chunks.get reply, written directly: the

@@ -1,6 +1,6 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { MAX_BLOCK_BYTES, MAX_FRAME_BYTES, MAX_GET_REPLY_BYTES, MAX_IDS_PER_GET, chunksReplyFrame, decodeReply, decodeRequest, encodeFrame, errorFrame, okFrame, parseReply } from '../../shared/protocol.js';
+import { MAX_BLOCK_BYTES, MAX_FRAME_BYTES, MAX_GET_REPLY_BYTES, MAX_IDS_PER_GET, chunkPutFrame, chunksReplyFrame, decodeReply, decodeRequest, encodeFrame, errorFrame, okFrame, parseReply } from '../../shared/protocol.js';
 import { CHUNK_OVERHEAD_BYTES } from '../../shared/chunk-crypto.js';
 import { TidemarkError } from '../../shared/errors.js';
 
@@ -29,6 +29,18 @@ describe('protocol frames', () => {
     assert.equal(ok.rid, 5);
     const err = decodeReply(errorFrame(6, new TidemarkError('E_FORBIDDEN', 'no')));
     assert.ok(err.t === 'error' && err.error.code === 'E_FORBIDDEN' && err.rid === 6 && !err.error.retryable);
+  });
+
+  it('writes a chunk.put that decodes as encodeFrame does, into the memory it is given', () => {
+    const id = Buffer.alloc(32, 5);
+    for (const [rid, data] of [[0, Buffer.alloc(52, 1)], [9, Buffer.alloc(70_000, 2)], [0xffffffff, Buffer.alloc(MAX_BLOCK_BYTES + CHUNK_OVERHEAD_BYTES, 3)]] as const) {
+      const memory = Buffer.alloc(MAX_FRAME_BYTES + 10, 0xee);
+      const frame = chunkPutFrame(rid, id, data, (bytes) => memory.subarray(10, 10 + bytes));
+      assert.equal(frame.buffer, memory.buffer);
+      assert.ok(frame.length <= MAX_FRAME_BYTES, `${frame.length} bytes`);
+      assert.deepEqual(decodeRequest(frame), decodeRequest(encodeFrame({ t: 'chunk.put', rid, id, data })));
+      assert.equal(memory[10 + frame.length], 0xee, 'nothing written past the frame');
+    }
   });
 
   it('writes a chunks.get reply that decodes as okFrame does, within a frame at its largest', () => {
