@@ -4,12 +4,13 @@
 //
 // Data lives in shared memory (SharedArrayBuffer): workers read the blocks
 // where the disk reader put them, and the main thread still has them for the
-// seal step that follows the receiver's dedup answer. Results come back by
+// seal step that follows the receiver's dedup answer. Workers write envelopes
+// into shared memory kept beside each data buffer; other results come back by
 // transfer. Callers bound how much data is in flight (see agent/slab-pool.ts).
 import { availableParallelism } from 'node:os';
 import { CHUNK_ID_BYTES, type ChunkKeys } from '../shared/chunk-crypto.js';
 import { WorkerPool } from '../shared/worker-pool.js';
-import { blockCountOf, type ScanResult, type SealResult } from './block-work.js';
+import { blockCountOf, envelopeSlotBytes, type ScanResult } from './block-work.js';
 import type { BlockTask } from './block-worker.js';
 
 /** Below this many blocks a task is not worth splitting further. */
@@ -26,6 +27,8 @@ export interface ScannedBlocks {
 
 export class BlockPool {
   private readonly pool: WorkerPool;
+  /** Per shared data buffer and block size, the memory its envelopes are sealed into (see seal). */
+  private readonly sealedMemory = new WeakMap<SharedArrayBuffer, Map<number, Buffer>>();
 
   constructor(keys: ChunkKeys, size = availableParallelism()) {
     this.pool = new WorkerPool(new URL('./block-worker.js', import.meta.url), size, { idKey: keys.idKey, encRoot: keys.encRoot });
@@ -66,27 +69,43 @@ export class BlockPool {
     return { hashes, changed, ids };
   }
 
-  /** Seals the blocks at `blocks` (indices into `data`) under `ids`; envelopes in the same order. */
+  /**
+   * Seals the blocks at `blocks` (indices into `data`) under `ids`; envelopes in
+   * the same order. The envelopes are views of shared memory that belongs to
+   * `data`'s buffer, one slot per block position, so they stay valid until that
+   * block of the buffer is sealed again: for a read slab, once the batch that
+   * held it has been shipped and the slab reused. A fresh buffer per seal, left
+   * for the main thread's garbage collector, cost full collections (see
+   * shared/frame-ring.ts).
+   */
   async seal(data: Buffer, blockBytes: number, blocks: number[], ids: Buffer[]): Promise<Buffer[]> {
     const shared = asShared(data);
+    const { output, firstSlot } = this.sealedMemoryFor(shared, blockBytes);
     const parts = this.split(blocks.length);
     const results = await Promise.all(parts.map(([from, to]) => {
       const packedIds = new Uint8Array(CHUNK_ID_BYTES * (to - from));
       for (let i = from; i < to; i++) packedIds.set(ids[i]!, (i - from) * CHUNK_ID_BYTES);
-      return this.pool.run<SealResult>(
-        { op: 'seal', data: shared, blockBytes, blocks: Uint32Array.from(blocks.slice(from, to)), ids: packedIds } satisfies BlockTask,
+      const taskBlocks = Uint32Array.from(blocks.slice(from, to));
+      return this.pool.run<Uint32Array>(
+        { op: 'seal', data: shared, blockBytes, blocks: taskBlocks, ids: packedIds, output, slots: taskBlocks.map((b) => firstSlot + b) } satisfies BlockTask,
         [packedIds.buffer],
       );
     }));
-    const envelopes: Buffer[] = [];
-    for (const r of results) {
-      let at = r.envelopes.byteOffset;
-      for (const length of r.lengths) {
-        envelopes.push(Buffer.from(r.envelopes.buffer, at, length));
-        at += length;
-      }
-    }
-    return envelopes;
+    const slotBytes = envelopeSlotBytes(blockBytes);
+    const lengths = results.flatMap((r) => [...r]);
+    return blocks.map((b, n) => output.subarray((firstSlot + b) * slotBytes, (firstSlot + b) * slotBytes + lengths[n]!));
+  }
+
+  /** The memory `data`'s envelopes are sealed into, and the slot of its first block there: made once per buffer and block size. */
+  private sealedMemoryFor(data: Buffer, blockBytes: number): { output: Buffer; firstSlot: number } {
+    const slotBytes = envelopeSlotBytes(blockBytes);
+    if (data.byteOffset % blockBytes !== 0) return { output: BlockPool.sharedBuffer(blockCountOf(data, blockBytes) * slotBytes), firstSlot: 0 };
+    const memory = data.buffer as SharedArrayBuffer;
+    let bySize = this.sealedMemory.get(memory);
+    if (!bySize) this.sealedMemory.set(memory, (bySize = new Map()));
+    let output = bySize.get(blockBytes);
+    if (!output) bySize.set(blockBytes, (output = BlockPool.sharedBuffer(Math.ceil(memory.byteLength / blockBytes) * slotBytes)));
+    return { output, firstSlot: data.byteOffset / blockBytes };
   }
 
   close(): Promise<void> {

@@ -1,9 +1,10 @@
 // The per-block CPU work of the agent, as plain functions over one range of
 // blocks: the worker threads run them, and tests compare the pool's answers
-// with a direct call. Results are packed in a few typed arrays so a worker
-// hands them back by transfer rather than by a copy per block.
+// with a direct call. Scan results are packed in a few typed arrays so a worker
+// hands them back by transfer rather than by a copy per block; envelopes are
+// written into shared memory the caller provides.
 import { xxh3, xxh64 } from '@node-rs/xxhash';
-import { CHUNK_ID_BYTES, chunkId, sealChunkParts, type ChunkKeys } from '../shared/chunk-crypto.js';
+import { CHUNK_ID_BYTES, CHUNK_OVERHEAD_BYTES, chunkId, sealChunkParts, type ChunkKeys } from '../shared/chunk-crypto.js';
 import { isZeroBlock } from '../shared/zero-block.js';
 
 export interface ScanResult {
@@ -15,13 +16,6 @@ export interface ScanResult {
   zero: Uint8Array;
   /** Per changed block: its chunk id (32 bytes; all zero for a zero block). */
   ids: Uint8Array;
-}
-
-export interface SealResult {
-  /** Every envelope, back to back. */
-  envelopes: Uint8Array;
-  /** Byte length of each envelope, in the order asked. */
-  lengths: Uint32Array;
 }
 
 /**
@@ -90,27 +84,33 @@ export function scanBlocks(keys: Pick<ChunkKeys, 'idKey'>, data: Buffer, blockBy
   return { hashes, changed: Uint32Array.from(changed), zero, ids };
 }
 
-/** Seals the named blocks (indices within `data`) under their ids (32 bytes each, back to back). */
-export function sealBlocks(keys: ChunkKeys, data: Buffer, blockBytes: number, blocks: Uint32Array, ids: Uint8Array): SealResult {
-  if (ids.length !== blocks.length * CHUNK_ID_BYTES) throw new RangeError(`seal of ${blocks.length} blocks got ${ids.length / CHUNK_ID_BYTES} ids`);
-  const parts: Buffer[][] = [];
+/** Room for one block's envelope in a sealed output: the block and the envelope's fixed overhead. */
+export function envelopeSlotBytes(blockBytes: number): number {
+  return blockBytes + CHUNK_OVERHEAD_BYTES;
+}
+
+/**
+ * Seals the named blocks (indices within `data`) under their ids (32 bytes
+ * each, back to back), writing the nth envelope into `output` at slot
+ * `slots[n]` (envelopeSlotBytes apart). Returns each envelope's length.
+ */
+export function sealBlocks(keys: ChunkKeys, data: Buffer, blockBytes: number, blocks: Uint32Array, ids: Uint8Array, output: Uint8Array, slots: Uint32Array): Uint32Array {
+  if (ids.length !== blocks.length * CHUNK_ID_BYTES || slots.length !== blocks.length) {
+    throw new RangeError(`seal of ${blocks.length} blocks got ${ids.length / CHUNK_ID_BYTES} ids and ${slots.length} slots`);
+  }
+  const slotBytes = envelopeSlotBytes(blockBytes);
   const lengths = new Uint32Array(blocks.length);
-  let total = 0;
   blocks.forEach((index, n) => {
     if (index >= blockCountOf(data, blockBytes)) throw new RangeError(`block ${index} is outside the ${data.length}-byte range`);
+    const slot = slots[n]! * slotBytes;
+    if (slot + slotBytes > output.length) throw new RangeError(`slot ${slots[n]} is outside the ${output.length}-byte output`);
     const id = Buffer.from(ids.buffer, ids.byteOffset + n * CHUNK_ID_BYTES, CHUNK_ID_BYTES);
-    const envelope = sealChunkParts(keys, id, blockOf(data, index, blockBytes));
-    parts.push(envelope);
-    lengths[n] = envelope.reduce((sum, part) => sum + part.length, 0);
-    total += lengths[n]!;
+    let at = slot;
+    for (const part of sealChunkParts(keys, id, blockOf(data, index, blockBytes))) {
+      output.set(part, at);
+      at += part.length;
+    }
+    lengths[n] = at - slot;
   });
-  // One fresh buffer the worker can give away: small pieces may live in Node's shared pool, which must not be transferred.
-  // Not zero-filled: every byte is written below.
-  const packed = Buffer.allocUnsafeSlow(total);
-  let at = 0;
-  for (const part of parts.flat()) {
-    packed.set(part, at);
-    at += part.length;
-  }
-  return { envelopes: packed, lengths };
+  return lengths;
 }

@@ -3,7 +3,7 @@
 import { execFileSync, spawnSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, openSync, readSync, rmSync } from 'node:fs';
-import { scanBlocks, sealBlocks } from '../agent/block-work.js';
+import { envelopeSlotBytes, scanBlocks, sealBlocks } from '../agent/block-work.js';
 import { CHUNK_ID_BYTES, VaultKeys, openChunk } from '../shared/chunk-crypto.js';
 
 export interface Timed {
@@ -76,6 +76,8 @@ export function chunkOpenWork(path: string, bytes: number, blockBytes: number): 
 function forEachSealedPiece(path: string, bytes: number, blockBytes: number, then: (keys: VaultKeys, ids: Buffer[], envelopes: Buffer[]) => void): void {
   const keys = VaultKeys.fromMaster(randomBytes(32));
   const piece = Buffer.allocUnsafe(4 * MiB);
+  const slotBytes = envelopeSlotBytes(blockBytes);
+  const sealed = Buffer.allocUnsafe(Math.ceil(piece.length / blockBytes) * slotBytes);
   const fd = openSync(path, 'r');
   try {
     for (let at = 0; at < bytes; at += piece.length) {
@@ -83,9 +85,8 @@ function forEachSealedPiece(path: string, bytes: number, blockBytes: number, the
       const scanned = scanBlocks(keys, data, blockBytes, null);
       const stored = [...scanned.changed.keys()].filter((n) => scanned.zero[n] === 0);
       const ids = stored.map((n) => Buffer.from(scanned.ids.subarray(n * CHUNK_ID_BYTES, (n + 1) * CHUNK_ID_BYTES)));
-      const sealed = sealBlocks(keys, data, blockBytes, Uint32Array.from(stored, (n) => scanned.changed[n]!), Buffer.concat(ids));
-      let offset = sealed.envelopes.byteOffset;
-      const envelopes = [...sealed.lengths].map((length) => Buffer.from(sealed.envelopes.buffer, (offset += length) - length, length));
+      const lengths = sealBlocks(keys, data, blockBytes, Uint32Array.from(stored, (n) => scanned.changed[n]!), Buffer.concat(ids), sealed, Uint32Array.from(stored.keys()));
+      const envelopes = [...lengths].map((length, n) => sealed.subarray(n * slotBytes, n * slotBytes + length));
       then(keys, ids, envelopes);
     }
   } finally {

@@ -91,6 +91,36 @@ describe('block pool', () => {
     }
   });
 
+  it('seals into memory kept beside the data buffer: a batch sealed in several calls keeps every envelope', async () => {
+    const pool = new BlockPool(keys, 2);
+    try {
+      const slab = BlockPool.sharedBuffer(48 * BLOCK); // a read slab, not quite full
+      const data = slab.subarray(0, sampleData().copy(slab));
+      const scanned = await pool.scan(data, BLOCK, null);
+      const blocks = scanned.changed.filter((_, n) => scanned.ids[n] !== null);
+      const ids = scanned.ids.filter((id): id is Buffer => id !== null);
+      const half = Math.floor(blocks.length / 2);
+      const first = await pool.seal(data, BLOCK, blocks.slice(0, half), ids.slice(0, half));
+      const second = await pool.seal(data, BLOCK, blocks.slice(half), ids.slice(half));
+      [...first, ...second].forEach((envelope, n) => assert.deepEqual(openChunk(keys, ids[n]!, envelope, BLOCK), blockAt(data, blocks[n]!), `block ${blocks[n]}`));
+      assert.equal(second[0]!.buffer, first[0]!.buffer, 'one memory for the buffer');
+      assert.notEqual(first[0]!.buffer, slab.buffer);
+      const again = await pool.seal(data, BLOCK, blocks.slice(0, 1), ids.slice(0, 1));
+      assert.equal(again[0]!.buffer, first[0]!.buffer, 'reused, not allocated per seal');
+      assert.equal(again[0]!.byteOffset, first[0]!.byteOffset, 'the same slot for the same block');
+
+      // A view starting on a block boundary uses the slots of its blocks; one that does not, fresh memory.
+      const later = await pool.seal(data.subarray(3 * BLOCK), BLOCK, [blocks[half]! - 3], [ids[half]!]);
+      assert.equal(later[0]!.byteOffset, second[0]!.byteOffset);
+      const shifted = data.subarray(100);
+      const fresh = await pool.seal(shifted, BLOCK, [1], [chunkId(keys, blockAt(shifted, 1))]);
+      assert.notEqual(fresh[0]!.buffer, first[0]!.buffer);
+      assert.deepEqual(openChunk(keys, chunkId(keys, blockAt(shifted, 1)), fresh[0]!, BLOCK), blockAt(shifted, 1));
+    } finally {
+      await pool.close();
+    }
+  });
+
   it('reports a failed task and keeps working; refuses work once closed', async () => {
     const pool = new BlockPool(keys, 2);
     try {
