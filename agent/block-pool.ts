@@ -93,7 +93,10 @@ export class BlockPool {
     }));
     const slotBytes = envelopeSlotBytes(blockBytes);
     const lengths = results.flatMap((r) => [...r]);
-    return blocks.map((b, n) => output.subarray((firstSlot + b) * slotBytes, (firstSlot + b) * slotBytes + lengths[n]!));
+    return blocks.map((b, n) => {
+      const at = (firstSlot + b) * slotBytes;
+      return output.subarray(at, at + lengths[n]!);
+    });
   }
 
   /** The memory `data`'s envelopes are sealed into, and the slot of its first block there: made once per buffer and block size. */

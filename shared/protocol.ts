@@ -203,7 +203,7 @@ const CHUNK_PUT_DATA_KEY = Buffer.from('a464617461', 'hex');
  * memory (shared/frame-ring.ts) rather than leave a fresh buffer per chunk for
  * the garbage collector. The same msgpack map the receiver decodes from any encoder.
  */
-export function chunkPutFrame(ridValue: number, id: Uint8Array, data: Uint8Array, allocate: (bytes: number) => Buffer = Buffer.allocUnsafe): Buffer {
+export function chunkPutFrame(ridValue: number, id: Uint8Array, data: Uint8Array, allocate: (bytes: number) => Buffer): Buffer {
   const dataAt = CHUNK_PUT_HEAD.length + id.length + CHUNK_PUT_DATA_KEY.length;
   const frame = allocate(dataAt + BIN32_HEAD_BYTES + data.length);
   CHUNK_PUT_HEAD.copy(frame);
