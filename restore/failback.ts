@@ -2,7 +2,8 @@
 // large as the disk) back to a recovery point by writing only the blocks
 // that differ. Each block of the target is read (block devices with O_DIRECT,
 // shared/disk-reader.ts), its keyed chunk id computed and compared with the
-// point's block map; only differing blocks are fetched and written, in place.
+// point's block map; only differing blocks are fetched and written, in place,
+// neighbours gathered into one write (restore/run-writer.ts).
 // An all-zero block matches a block the map lacks. Interrupted, the target is
 // a mix of old and new blocks; running failback again finishes the job.
 import { open, stat } from 'node:fs/promises';
@@ -16,6 +17,7 @@ import { Progress, ProgressReporter } from '../shared/progress.js';
 import type { PointInfo } from '../shared/protocol.js';
 import { findDisk, readPointBlocks, type MapBlock, type PointDisk } from './point-blocks.js';
 import type { RestoreDiskResult } from './restore-disk.js';
+import { RunWriter } from './run-writer.js';
 
 const READ_BATCH_BYTES = 16 * 1024 * 1024;
 /** O_DIRECT reads must be whole logical sectors: lengths are rounded up to this (within the target). */
@@ -55,16 +57,18 @@ export async function failbackDisk(conn: ReceiverConnection, keys: VaultKeys, po
         if (isZeroBlock(current)) return block.id !== null;
         return block.id === null || !chunkId(keys, current).equals(block.id);
       };
+      const writer = new RunWriter(file);
       for await (const block of readPointBlocks(conn, keys, point, disk, result, { everyBlock: true, want: differs })) {
         if (block.wanted) {
           const data = block.data ?? zeros.subarray(0, block.length);
-          await file.write(data, 0, data.length, block.offset);
+          await writer.write(data, block.offset);
           result.bytesWritten += data.length;
           result.blocksWritten++;
         }
         progress.add(block.offset + block.length - progress.bytesDone);
         reporter.report(progress);
       }
+      await writer.flush();
       result.bytesRead = local.bytesRead;
       await file.sync();
     } finally {
