@@ -1,6 +1,6 @@
 import { describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { randomBytes } from 'node:crypto';
+import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
 import { CHUNK_HEADER_BYTES, CHUNK_OVERHEAD_BYTES, VaultKeys, chunkId, openChunk, sealChunk } from '../../shared/chunk-crypto.js';
 import { TidemarkError } from '../../shared/errors.js';
 
@@ -18,6 +18,28 @@ describe('chunk envelope', () => {
       const id = chunkId(keys, plaintext);
       const envelope = sealChunk(keys, id, plaintext);
       assert.deepEqual(openChunk(keys, id, envelope, BLOCK), plaintext);
+    }
+  });
+
+  it('follows SPEC §4 as written: node\'s own hkdf gives the key that opens a sealed envelope and seals one openChunk opens', () => {
+    const specKey = (salt: Buffer) => Buffer.from(hkdfSync('sha256', keys.encRoot, salt, 'tidemark chunk v1', 32));
+    for (const plaintext of [randomBytes(BLOCK), randomBytes(1000)]) {
+      const id = chunkId(keys, plaintext);
+      const envelope = sealChunk(keys, id, plaintext);
+      const header = envelope.subarray(0, CHUNK_HEADER_BYTES);
+      assert.equal(header[5], 0, 'random data is stored raw');
+      const decipher = createDecipheriv('aes-256-gcm', specKey(header.subarray(8, 24)), header.subarray(24, 36));
+      decipher.setAAD(Buffer.concat([header, id]));
+      decipher.setAuthTag(envelope.subarray(envelope.length - 16));
+      const body = envelope.subarray(CHUNK_HEADER_BYTES, envelope.length - 16);
+      assert.deepEqual(Buffer.concat([decipher.update(body), decipher.final()]), plaintext);
+
+      const built = Buffer.from(header);
+      randomBytes(28).copy(built, 8); // a fresh salt and nonce
+      const cipher = createCipheriv('aes-256-gcm', specKey(built.subarray(8, 24)), built.subarray(24, 36));
+      cipher.setAAD(Buffer.concat([built, id]));
+      const specEnvelope = Buffer.concat([built, cipher.update(plaintext), cipher.final(), cipher.getAuthTag()]);
+      assert.deepEqual(openChunk(keys, id, specEnvelope, BLOCK), plaintext);
     }
   });
 
