@@ -55,7 +55,8 @@ const CHUNK_KEY_EXPAND = Buffer.from('tidemark chunk v1\x01', 'latin1');
 /**
  * HKDF-SHA256(encRoot, salt, "tidemark chunk v1", 32) written out as its two
  * HMACs (RFC 5869: extract, then one expand block): the same bytes as
- * hkdfSync at about half its cost, which per 64 KiB chunk was ~13 µs here.
+ * hkdfSync, without its per-call key objects and checks. Sealing a 64 KiB
+ * chunk took 116 µs with hkdfSync here, 95 µs with this.
  */
 function chunkKey(keys: Pick<ChunkKeys, 'encRoot'>, salt: Buffer): Buffer {
   const pseudoRandomKey = createHmac('sha256', salt).update(keys.encRoot).digest();
