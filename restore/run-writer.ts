@@ -9,7 +9,7 @@
 //
 // Every SYNC_EVERY_BYTES written, a datasync starts in the background (one at a
 // time): the disk writes while the restore works, so the caller's final fsync
-// waits for the last stretch only (~0.4 s per GiB here when it waited for all),
+// waits for the last stretch only (~0.33 s per GiB here when it waited for all),
 // and dirty memory stays bounded however large the disk. A failed sync
 // surfaces like a failed write.
 import type { FileHandle } from 'node:fs/promises';

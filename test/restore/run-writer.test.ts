@@ -7,10 +7,19 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { RunWriter } from '../../restore/run-writer.js';
 
+/** Runs `test` with a fresh directory, removed afterwards whatever happens. */
+async function inTempDir(test: (dir: string) => Promise<void>): Promise<void> {
+  const dir = mkdtempSync(join(tmpdir(), 'tidemark-runwriter-'));
+  try {
+    await test(dir);
+  } finally {
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+
 describe('run writer', () => {
   it('writes runs, holes and oversized blocks where they belong', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'tidemark-runwriter-'));
-    try {
+    await inTempDir(async (dir) => {
       const path = join(dir, 'out.img');
       const size = 12 * 1024 * 1024;
       const expected = Buffer.alloc(size);
@@ -34,14 +43,11 @@ describe('run writer', () => {
         await file.close();
       }
       assert.ok(readFileSync(path).equals(expected));
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('reports a write that failed behind the caller at the next write or flush', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'tidemark-runwriter-'));
-    try {
+    await inTempDir(async (dir) => {
       const path = join(dir, 'out.img');
       writeFileSync(path, Buffer.alloc(1024 * 1024));
       const file = await open(path, 'r'); // every write fails with EBADF
@@ -56,14 +62,11 @@ describe('run writer', () => {
       } finally {
         await file.close();
       }
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('syncs in the background as it writes, so the data reaches the disk before the caller\'s final fsync', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'tidemark-runwriter-'));
-    try {
+    await inTempDir(async (dir) => {
       const path = join(dir, 'out.img');
       const size = 40 * 1024 * 1024;
       const expected = randomBytes(size);
@@ -90,14 +93,11 @@ describe('run writer', () => {
         await file.close();
       }
       assert.ok(readFileSync(path).equals(expected));
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 
   it('reports a background sync that failed at the next write or flush', async () => {
-    const dir = mkdtempSync(join(tmpdir(), 'tidemark-runwriter-'));
-    try {
+    await inTempDir(async (dir) => {
       const file = await open(join(dir, 'out.img'), 'w');
       try {
         // A disk whose flush fails cannot be made here (no device-mapper for dm-flakey):
@@ -119,8 +119,6 @@ describe('run writer', () => {
       } finally {
         await file.close();
       }
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
-    }
+    });
   });
 });
