@@ -3,7 +3,7 @@
 // Builds a realistic ext4 image, runs the real CLIs on loopback and prints each
 // figure beside a baseline measured in the same run on the same data. Writes
 // DIR/latest.json and DIR/latest.md (default bench/results). See README "Benchmark".
-import { mkdirSync, writeFileSync, rmSync } from 'node:fs';
+import { copyFileSync, mkdirSync, writeFileSync, rmSync } from 'node:fs';
 import { availableParallelism, cpus, loadavg, totalmem } from 'node:os';
 import { join, resolve } from 'node:path';
 import { parseArgs } from 'node:util';
@@ -63,6 +63,8 @@ async function main(): Promise<void> {
     const status = await cluster.deployment.receiver.status();
     const tls = await tlsLoopback(status.packBytes);
 
+    const initialImageSha = await sha256File(image); // what failback must bring the changed image back to
+
     say('incremental sync after a 1 % change (hash scan)...');
     const changeCount = Math.max(1, Math.round((data / DEFAULT_BLOCK_BYTES) * 0.01));
     await changeBlocks(image, DEFAULT_BLOCK_BYTES, changeCount, seed + 1);
@@ -75,6 +77,13 @@ async function main(): Promise<void> {
     const restore = await cluster.restore('bench', image, incremental.point.pointId, restored);
     const restoreMatches = (await sha256File(restored)) === (await sha256File(image));
     rmSync(restored, { force: true });
+
+    say('failback of the initial point onto a copy of the changed image...');
+    const failbackTarget = join(work, 'failback.img');
+    copyFileSync(image, failbackTarget);
+    const failback = await cluster.restore('bench', image, initial.point.pointId, failbackTarget, ['--failback']);
+    const failbackMatches = (await sha256File(failbackTarget)) === initialImageSha;
+    rmSync(failbackTarget, { force: true });
 
     let continuous: ContinuousResults | { skipped: string };
     const unavailable = values['no-lag'] ? '--no-lag given' : continuousUnavailable();
@@ -120,6 +129,11 @@ async function main(): Promise<void> {
         seconds: restore.wallSeconds, mibps: perSecond(sizeBytes, restore.wallSeconds), vsCp: perSecond(sizeBytes, restore.wallSeconds) / cp.mibPerSecond, identical: restoreMatches,
         vsChunkOpen: perSecond(sizeBytes, restore.wallSeconds) / chunkOpen.mibPerSecond,
         cpu: cpuShare(restore.wallSeconds, cores, { restore: restore.restoreCpuSeconds, receiver: restore.receiverCpuSeconds }),
+      },
+      failback: {
+        seconds: failback.wallSeconds, mibps: perSecond(sizeBytes, failback.wallSeconds), vsCp: perSecond(sizeBytes, failback.wallSeconds) / cp.mibPerSecond,
+        bytesRead: failback.report.bytesRead, blocksWritten: failback.report.blocksWritten, changedBlocks: changeCount, identical: failbackMatches,
+        cpu: cpuShare(failback.wallSeconds, cores, { restore: failback.restoreCpuSeconds, receiver: failback.receiverCpuSeconds }),
       },
       storage: { dataBytes: data, storedChunkBytes: status.storedChunkBytes, packBytes: status.packBytes, storedVsData: status.packBytes / data },
       catalog: catalogGrowth(empty, status, DEFAULT_BLOCK_BYTES),

@@ -19,6 +19,8 @@ export interface RestoreRun {
   peakRssBytes: number;
   restoreCpuSeconds: number;
   receiverCpuSeconds: number;
+  /** The `disk --json` document (bytesWritten, bytesRead, blocksWritten, ...). */
+  report: Record<string, number>;
 }
 
 export class BenchCluster {
@@ -68,11 +70,11 @@ export class BenchCluster {
     };
   }
 
-  /** `tidemark-restore disk` of the point to a file: wall time, the restore process's peak RSS and CPU time. */
-  async restore(host: string, disk: string, pointId: number, to: string): Promise<RestoreRun> {
+  /** `tidemark-restore disk` of the point to a file (`extra`: e.g. --failback): wall time, the restore process's peak RSS and CPU time, its --json report. */
+  async restore(host: string, disk: string, pointId: number, to: string, extra: string[] = []): Promise<RestoreRun> {
     const start = process.hrtime.bigint();
     const receiverCpuBefore = this.receiverCpuSeconds();
-    const child = spawnCli('restore', ['disk', ...this.deployment.restoreArgs(host), '--disk', disk, '--point', String(pointId), '--to', to, '--json'],
+    const child = spawnCli('restore', ['disk', ...this.deployment.restoreArgs(host), '--disk', disk, '--point', String(pointId), '--to', to, '--json', ...extra],
       { TIDEMARK_TOKEN: this.deployment.restoreToken });
     const watch = ProcessWatch.watch(child);
     const result = await collect(child);
@@ -80,6 +82,7 @@ export class BenchCluster {
     return {
       wallSeconds: Number(process.hrtime.bigint() - start) / 1e9, peakRssBytes: watch.peakRssBytes,
       restoreCpuSeconds: watch.cpuSeconds, receiverCpuSeconds: this.receiverCpuSeconds() - receiverCpuBefore,
+      report: JSON.parse(result.stdout) as Record<string, number>,
     };
   }
 

@@ -22,6 +22,8 @@ export interface BenchResults {
   };
   incrementalScan: { changedBytes: number; seconds: number; bytesRead: number; readVsChange: number; timeVsInitial: number };
   restore: { seconds: number; mibps: number; vsCp: number; identical: boolean; vsChunkOpen: number; cpu: CpuShare };
+  /** The initial point failed back onto a copy of the image after its 1 % change: the whole disk read, the changed blocks written. */
+  failback: { seconds: number; mibps: number; vsCp: number; bytesRead: number; blocksWritten: number; changedBlocks: number; identical: boolean; cpu: CpuShare };
   storage: { dataBytes: number; storedChunkBytes: number; packBytes: number; storedVsData: number };
   /** Catalog growth over the initial sync (DESIGN §6 budget: under 1 GiB for a fully written TiB). */
   catalog: { blockVersions: number; catalogBytes: number; bytesPerBlockVersion: number; bytesPerTiB: number };
@@ -68,6 +70,10 @@ export function rows(r: BenchResults): Row[] {
     ['restore', rate(r.restore.mibps), `cp ${rate(r.baselines.cp.mibps)} → ${x(r.restore.vsCp)}${r.restore.identical ? ', image identical' : ', IMAGE DIFFERS'}`, `≥ 0.5× cp: ${verdict(r.restore.vsCp >= 0.5)}`],
     ['  vs opening the chunks', rate(r.restore.mibps), `AES-GCM, lz4, id check on one core ${rate(r.baselines.chunkOpen.mibps)} → ${x(r.restore.vsChunkOpen)}`, ''],
     ['  CPU time', cpu(r.restore.cpu), busy(r.restore.cpu), ''],
+    ['failback after a 1 % change', rate(r.failback.mibps),
+      `cp ${rate(r.baselines.cp.mibps)} → ${x(r.failback.vsCp)}; read ${mib(r.failback.bytesRead)}, wrote ${r.failback.blocksWritten} blocks for ${r.failback.changedBlocks} changed` +
+        (r.failback.identical ? ', image back at the point' : ', IMAGE DIFFERS'), ''],
+    ['  CPU time', cpu(r.failback.cpu), busy(r.failback.cpu), ''],
     ['stored bytes', mib(r.storage.packBytes), `data ${mib(r.storage.dataBytes)} → ${x(r.storage.storedVsData)} (dedup + lz4)`, ''],
     ['catalog per block version', `${Math.round(r.catalog.bytesPerBlockVersion)} B`,
       `${mib(r.catalog.catalogBytes)} after the initial sync's ${r.catalog.blockVersions} → ${(r.catalog.bytesPerTiB / 1024 ** 3).toFixed(1)} GiB per fully written TiB`,
