@@ -1,17 +1,18 @@
 // Failback: bring an existing disk (block device, or image file at least as
 // large as the disk) back to a recovery point by writing only the blocks
 // that differ. Each block of the target is read (block devices with O_DIRECT,
-// shared/disk-reader.ts), its keyed chunk id computed and compared with the
+// shared/disk-reader.ts), its keyed chunk id computed (on the agent's block
+// pool, agent/block-pool.ts: the hashing is most of the work) and compared with the
 // point's block map; only differing blocks are fetched and written, in place,
 // neighbours gathered into one write (restore/run-writer.ts).
 // An all-zero block matches a block the map lacks. Interrupted, the target is
 // a mix of old and new blocks; running failback again finishes the job.
 import { open, stat } from 'node:fs/promises';
 import { blockDeviceSizeBytes, openDeviceForWriting } from '../shared/block-device.js';
-import { chunkId, type VaultKeys } from '../shared/chunk-crypto.js';
+import { BlockPool } from '../agent/block-pool.js';
+import type { VaultKeys } from '../shared/chunk-crypto.js';
 import type { ReceiverConnection } from '../shared/connection.js';
 import { DiskReader } from '../shared/disk-reader.js';
-import { isZeroBlock } from '../shared/zero-block.js';
 import { TidemarkError } from '../shared/errors.js';
 import { Progress, ProgressReporter } from '../shared/progress.js';
 import type { PointInfo } from '../shared/protocol.js';
@@ -35,7 +36,9 @@ export async function failbackDisk(conn: ReceiverConnection, keys: VaultKeys, po
   if (targetBytes < disk.sizeBytes) {
     throw new TidemarkError('E_DISK', `${to} has ${targetBytes} bytes, fewer than the disk's ${disk.sizeBytes} at point ${point.id}; failback needs a target at least that large`);
   }
-  const reader = await DiskReader.open(to, READ_BATCH_BYTES + DIRECT_IO_ALIGN).catch((err: unknown) => {
+  const pool = new BlockPool(keys);
+  const reader = await DiskReader.open(to, READ_BATCH_BYTES + DIRECT_IO_ALIGN).catch(async (err: unknown) => {
+    await pool.close();
     throw new TidemarkError('E_DISK', `cannot read ${to}: ${(err as Error).message}`, { cause: err });
   });
   const result: FailbackResult = {
@@ -47,15 +50,15 @@ export async function failbackDisk(conn: ReceiverConnection, keys: VaultKeys, po
   try {
     const file = (await stat(to)).isBlockDevice() ? await openDeviceForWriting(to) : await open(to, 'r+');
     try {
-      const local = new BatchedBlocks(reader, disk, targetBytes);
+      const local = new BatchedBlocks(reader, pool, disk, targetBytes);
       const zeros = Buffer.alloc(disk.blockBytes);
       // The predicate runs in block order, ahead of the writes below, but never
       // reads a block after it was written: each block is read once, then written at most once.
       const differs = async (block: MapBlock) => {
-        const current = await local.block(block);
+        const currentId = await local.idOf(block);
         result.blocksCompared++;
-        if (isZeroBlock(current)) return block.id !== null;
-        return block.id === null || !chunkId(keys, current).equals(block.id);
+        if (currentId === null) return block.id !== null; // an all-zero block
+        return block.id === null || !currentId.equals(block.id);
       };
       const writer = new RunWriter(file);
       for await (const block of readPointBlocks(conn, keys, point, disk, result, { everyBlock: true, want: differs })) {
@@ -75,7 +78,7 @@ export async function failbackDisk(conn: ReceiverConnection, keys: VaultKeys, po
       await file.close();
     }
   } finally {
-    await reader.close();
+    await Promise.all([reader.close(), pool.close()]);
   }
   reporter.report(progress, true);
   reporter.done();
@@ -91,29 +94,36 @@ async function targetSizeBytes(path: string): Promise<number> {
   throw new TidemarkError('E_DISK', `failback target ${path} is neither a block device nor an image file`);
 }
 
-/** The target's blocks, read sequentially in large batches. */
+/**
+ * The chunk ids of the target's blocks (null for an all-zero block), read
+ * sequentially in large batches and computed on the block pool's worker
+ * threads: the keyed hash of every block is most of a failback's work.
+ */
 class BatchedBlocks {
-  private batch: Buffer = Buffer.alloc(0);
+  /** Shared memory for one batch, reused: a block's data is not needed once its id is known. */
+  private readonly memory = BlockPool.sharedBuffer(READ_BATCH_BYTES + DIRECT_IO_ALIGN);
+  private ids: Array<Buffer | null> = [];
   private batchOffset = 0;
   bytesRead = 0;
 
   constructor(
     private readonly reader: DiskReader,
+    private readonly pool: BlockPool,
     private readonly disk: PointDisk,
     private readonly targetBytes: number,
   ) {}
 
   /** Blocks must be asked for in increasing order. */
-  async block(block: MapBlock): Promise<Buffer> {
-    if (block.offset + block.length > this.batchOffset + this.batch.length) {
+  async idOf(block: MapBlock): Promise<Buffer | null> {
+    if (block.offset >= this.batchOffset + this.ids.length * this.disk.blockBytes) {
       const batchBytes = Math.floor(READ_BATCH_BYTES / this.disk.blockBytes) * this.disk.blockBytes; // whole blocks
       const wanted = Math.min(batchBytes, this.disk.sizeBytes - block.offset);
       const aligned = Math.min(Math.ceil(wanted / DIRECT_IO_ALIGN) * DIRECT_IO_ALIGN, this.targetBytes - block.offset);
-      this.batch = (await this.reader.read(block.offset, aligned)).subarray(0, wanted);
+      const data = (await this.reader.readInto(this.memory, block.offset, aligned)).subarray(0, wanted);
+      this.ids = (await this.pool.scan(data, this.disk.blockBytes, null)).ids; // every block is "changed" when nothing is known
       this.batchOffset = block.offset;
       this.bytesRead += wanted;
     }
-    const start = block.offset - this.batchOffset;
-    return this.batch.subarray(start, start + block.length);
+    return this.ids[(block.offset - this.batchOffset) / this.disk.blockBytes]!;
   }
 }
