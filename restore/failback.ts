@@ -50,12 +50,12 @@ export async function failbackDisk(conn: ReceiverConnection, keys: VaultKeys, po
   try {
     const file = (await stat(to)).isBlockDevice() ? await openDeviceForWriting(to) : await open(to, 'r+');
     try {
-      const local = new BatchedBlocks(reader, pool, disk, targetBytes);
+      const targetIds = new TargetBlockIds(reader, pool, disk, targetBytes);
       const zeros = Buffer.alloc(disk.blockBytes);
       // The predicate runs in block order, ahead of the writes below, but never
       // reads a block after it was written: each block is read once, then written at most once.
       const differs = async (block: MapBlock) => {
-        const currentId = await local.idOf(block);
+        const currentId = await targetIds.idOf(block);
         result.blocksCompared++;
         if (currentId === null) return block.id !== null; // an all-zero block
         return block.id === null || !currentId.equals(block.id);
@@ -72,7 +72,7 @@ export async function failbackDisk(conn: ReceiverConnection, keys: VaultKeys, po
         reporter.report(progress);
       }
       await writer.flush();
-      result.bytesRead = local.bytesRead;
+      result.bytesRead = targetIds.bytesRead;
       await file.sync();
     } finally {
       await file.close();
@@ -99,7 +99,7 @@ async function targetSizeBytes(path: string): Promise<number> {
  * sequentially in large batches and computed on the block pool's worker
  * threads: the keyed hash of every block is most of a failback's work.
  */
-class BatchedBlocks {
+class TargetBlockIds {
   /** Shared memory for one batch, reused: a block's data is not needed once its id is known. */
   private readonly memory = BlockPool.sharedBuffer(READ_BATCH_BYTES + DIRECT_IO_ALIGN);
   private ids: Array<Buffer | null> = [];
