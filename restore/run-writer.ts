@@ -3,7 +3,9 @@
 // which dominated restore time. Blocks that do not continue the current run
 // (a hole in a sparse image) flush it first.
 //
-// Two buffers: one run is written while the next is gathered, so the caller
+// A run is a list of the caller's buffers, written with one writev (no copy
+// into a buffer of our own: that was ~0.12 s per GiB of the restore's main
+// thread). One run is written while the next is gathered, so the caller
 // (fetching and opening chunks) does not stop for each write. A failed write
 // surfaces at the next write or flush.
 //
@@ -13,13 +15,14 @@
 // and dirty memory stays bounded however large the disk. A failed sync
 // surfaces like a failed write.
 import type { FileHandle } from 'node:fs/promises';
+import { TidemarkError } from '../shared/errors.js';
 
 const RUN_BYTES = 4 * 1024 * 1024;
 const SYNC_EVERY_BYTES = 64 * 1024 * 1024;
 
 export class RunWriter {
-  private buffer = Buffer.allocUnsafe(RUN_BYTES);
-  private spare = Buffer.allocUnsafe(RUN_BYTES);
+  /** The run being gathered: the caller's buffers, one after the other on the disk. */
+  private run: Buffer[] = [];
   private runOffset = 0;
   private runBytes = 0;
   /** The write of the previous run, still going. */
@@ -32,16 +35,12 @@ export class RunWriter {
 
   constructor(private readonly file: FileHandle, private readonly syncEveryBytes = SYNC_EVERY_BYTES) {}
 
+  /** Writes `data` at `offset`, later; `data` is written as it is then, so it must not change until flush. */
   async write(data: Buffer, offset: number): Promise<void> {
     const continues = this.runBytes > 0 && offset === this.runOffset + this.runBytes;
     if (this.runBytes > 0 && (!continues || this.runBytes + data.length > RUN_BYTES)) await this.startRunWrite();
-    if (data.length > RUN_BYTES) {
-      await this.writing;
-      await this.writeAll(data, offset);
-      return;
-    }
     if (this.runBytes === 0) this.runOffset = offset;
-    data.copy(this.buffer, this.runBytes);
+    this.run.push(data);
     this.runBytes += data.length;
   }
 
@@ -53,25 +52,26 @@ export class RunWriter {
     this.throwSyncFailure();
   }
 
-  /** Waits for the previous run's write, then starts this run's and swaps buffers. */
+  /** Waits for the previous run's write, then starts this run's. */
   private async startRunWrite(): Promise<void> {
     await this.writing;
     this.throwSyncFailure();
     if (this.runBytes === 0) return;
-    const run = this.buffer.subarray(0, this.runBytes);
-    const offset = this.runOffset;
-    [this.buffer, this.spare] = [this.spare, this.buffer];
-    this.runBytes = 0;
-    this.writing = this.writeAll(run, offset);
+    this.writing = this.writeAll(this.run, this.runOffset);
     this.writing.catch(() => {}); // awaited at the next write or flush, where its error surfaces
+    this.run = [];
+    this.runBytes = 0;
   }
 
-  private async writeAll(data: Buffer, offset: number): Promise<void> {
-    for (let done = 0; done < data.length; ) {
-      const { bytesWritten } = await this.file.write(data, done, data.length - done, offset + done);
-      done += bytesWritten;
+  private async writeAll(run: Buffer[], offset: number): Promise<void> {
+    let position = offset;
+    for (let rest = run; rest.length > 0; ) {
+      const { bytesWritten } = await this.file.writev(rest, position);
+      if (bytesWritten === 0) throw new TidemarkError('E_DISK', `write at byte ${position} made no progress; check the target device`);
+      position += bytesWritten;
+      rest = after(rest, bytesWritten);
     }
-    this.unsynced += data.length;
+    this.unsynced += position - offset;
     if (this.unsynced >= this.syncEveryBytes && !this.syncing) this.startSync();
   }
 
@@ -89,4 +89,14 @@ export class RunWriter {
   private throwSyncFailure(): void {
     if (this.syncFailure) throw this.syncFailure;
   }
+}
+
+/** What is left of `buffers` once their first `bytes` were written (a short writev). */
+function after(buffers: Buffer[], bytes: number): Buffer[] {
+  let skip = bytes;
+  let first = 0;
+  while (first < buffers.length && skip >= buffers[first]!.length) skip -= buffers[first++]!.length;
+  const rest = buffers.slice(first);
+  if (skip > 0) rest[0] = rest[0]!.subarray(skip);
+  return rest;
 }

@@ -46,6 +46,27 @@ describe('run writer', () => {
     });
   });
 
+  it('finishes a run that the kernel wrote only part of', async () => {
+    await inTempDir(async (dir) => {
+      const path = join(dir, 'out.img');
+      const expected = randomBytes(3 * 65536 + 1000);
+      const file = await open(path, 'w');
+      try {
+        // The real file, but each writev writes at most 10,000 bytes, as a short write would.
+        const short = {
+          writev: (buffers: Buffer[], position: number) => file.write(Buffer.concat(buffers).subarray(0, 10_000), 0, undefined, position),
+          datasync: file.datasync.bind(file),
+        } as unknown as FileHandle;
+        const writer = new RunWriter(short);
+        for (let offset = 0; offset < expected.length; offset += 65536) await writer.write(expected.subarray(offset, offset + 65536), offset);
+        await writer.flush();
+      } finally {
+        await file.close();
+      }
+      assert.ok(readFileSync(path).equals(expected));
+    });
+  });
+
   it('reports a write that failed behind the caller at the next write or flush', async () => {
     await inTempDir(async (dir) => {
       const path = join(dir, 'out.img');
@@ -75,7 +96,7 @@ describe('run writer', () => {
         // The real file, with its datasync calls recorded as they start and end.
         const events: string[] = [];
         const watched = {
-          write: file.write.bind(file),
+          writev: file.writev.bind(file),
           datasync: async () => {
             events.push('sync');
             await file.datasync();
@@ -103,7 +124,7 @@ describe('run writer', () => {
         // A disk whose flush fails cannot be made here (no device-mapper for dm-flakey):
         // the real file's datasync is replaced by one that fails with EIO.
         const failing = {
-          write: file.write.bind(file),
+          writev: file.writev.bind(file),
           datasync: async () => {
             throw Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' });
           },
