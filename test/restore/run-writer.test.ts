@@ -33,7 +33,7 @@ describe('run writer', () => {
           await writer.write(data, offset);
         };
         // A contiguous run longer than one gathered write, then a hole, then a lone block,
-        // then a block bigger than the gathering buffer, then a short block at the end.
+        // then a block bigger than a whole run, then a short block at the end.
         for (let offset = 0; offset < 5 * 1024 * 1024; offset += 65536) await put(offset, 65536);
         await put(6 * 1024 * 1024, 65536);
         await put(7 * 1024 * 1024, 5 * 1024 * 1024 - 1000);
