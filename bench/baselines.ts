@@ -94,12 +94,16 @@ function forEachSealedPiece(path: string, bytes: number, blockBytes: number, the
   }
 }
 
-/** A plain copy of the image, flushed to disk (restore fsyncs too). */
+/**
+ * A plain copy of the image, fsynced as restore fsyncs its file: `sync FILE`
+ * flushes that file only (`sync -f` flushed its whole filesystem, other
+ * files' pending writes included).
+ */
 export function copyImage(path: string, to: string, bytes: number): Timed {
   try {
     return timed(bytes, () => {
       sh('cp', [path, to]);
-      sh('sync', ['-f', to]);
+      sh('sync', [to]);
     });
   } finally {
     rmSync(to, { force: true });
