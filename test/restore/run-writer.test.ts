@@ -46,7 +46,8 @@ describe('run writer', () => {
     });
   });
 
-  it('finishes a run that the kernel wrote only part of', async () => {
+  // A wrong remainder after a short write never finishes: the timeout turns that into a failure.
+  it('finishes a run that the kernel wrote only part of', { timeout: 30_000 }, async () => {
     await inTempDir(async (dir) => {
       const path = join(dir, 'out.img');
       const expected = randomBytes(3 * 65536 + 1000);
@@ -64,6 +65,25 @@ describe('run writer', () => {
         await file.close();
       }
       assert.ok(readFileSync(path).equals(expected));
+    });
+  });
+
+  it('fails with E_DISK, not a loop, when a write makes no progress', { timeout: 30_000 }, async () => {
+    await inTempDir(async (dir) => {
+      const file = await open(join(dir, 'out.img'), 'w');
+      try {
+        // A device that accepts nothing cannot be made here: a writev that reports 0 bytes written stands in.
+        // (It answers on a later turn of the event loop, as a real write does, so the test's timeout can fire.)
+        const stuck = {
+          writev: () => new Promise((resolve) => setImmediate(() => resolve({ bytesWritten: 0 }))),
+          datasync: file.datasync.bind(file),
+        } as unknown as FileHandle;
+        const writer = new RunWriter(stuck);
+        await writer.write(randomBytes(65536), 0);
+        await assert.rejects(writer.flush(), { code: 'E_DISK', message: /write at byte 0 made no progress/ });
+      } finally {
+        await file.close();
+      }
     });
   });
 
