@@ -13,7 +13,8 @@ import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { BlockPool } from './block-pool.js';
 import { blockCountOf } from './block-work.js';
-import { SlabPool } from './slab-pool.js';
+import { SlabPool, type Slab } from './slab-pool.js';
+import { BatchWindow } from './batch-window.js';
 import { DirtyMap } from './dirty-map.js';
 import { describeDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
@@ -26,8 +27,10 @@ const MAX_ROUNDS = 12;
 const ROUND_HOLD_BYTES = 16 * 1024 * 1024;
 /** Bytes of dirty runs read at once, and scanned and uploaded together; the longest run. */
 const MAX_GROUP_BYTES = 4 * 1024 * 1024;
-/** Groups being hashed, sealed or uploaded at once. */
+/** Groups being packed, hashed or sealed at once. */
 const GROUPS_IN_FLIGHT = 2;
+/** Groups sent and awaiting the receiver's acks (see BatchWindow). */
+const GROUPS_AWAITING_ACKS = 16;
 const BACKGROUND_DRAIN_MS = 50;
 /** trace_pipe prints event times in microseconds. */
 const EVENT_TIME_RESOLUTION = 1e-6;
@@ -503,11 +506,12 @@ class TracefsReplicator {
     try {
       // Random writes leave many one-block runs: shipped one by one, each would cost several
       // round trips to the workers and the receiver. Runs go in groups, one scan and one upload
-      // each; two groups at a time (their uploads in order), so one hashes while the other
-      // uploads. A group is packed only when its turn comes, and the runs it took are dropped
-      // from `runs`, so a large dirty set is not held twice.
+      // each; two groups packed, hashed or sealed at a time (their uploads in order), so one
+      // hashes while the other uploads, and up to GROUPS_AWAITING_ACKS more sent and waiting
+      // for the receiver's fsyncs. A group is packed only when its turn comes, and the runs it
+      // took are dropped from `runs`, so a large dirty set is not held twice.
       const nextTurn = shipTurns();
-      const shipGroup = async (group: RunGroup): Promise<void> => {
+      const shipGroup = async (group: RunGroup, slab: Slab): Promise<void> => {
         const known = new BigUint64Array(group.blocks.length);
         let at = 0;
         for (const run of group.runs) {
@@ -521,29 +525,29 @@ class TracefsReplicator {
           const scanned = await this.opts.pool.scan(group.data, record.blockBytes, force ? null : known);
           scanned.hashes.forEach((hash, i) => hashes.set(group.blocks[i]!, hash));
           if (scanned.changed.length > 0) {
-            const bytes = await shipBlocks(conn, this.opts.pool, pointId, record, (i) => group.blocks[i]!, group.data, scanned, totals, turn);
-            changedBytes += bytes; // after the await: groups finish in any order
+            const shipment = await shipBlocks(conn, this.opts.pool, pointId, record, (i) => group.blocks[i]!, group.data, scanned, totals, turn);
+            slab.release(); // every frame is in the connection's own memory now
+            await shipment.acked;
+            changedBytes += shipment.changedBytes; // after the await: groups finish in any order
           }
         } finally {
           turn.sent();
+          slab.release();
         }
       };
-      // A slab per group in flight: taking one waits while GROUPS_IN_FLIGHT are out, and fixed
-      // shared buffers are not left for the workers' garbage collectors to free.
-      const settled: Array<Promise<void>> = [];
-      let failed = false;
+      // A slab per group being packed, hashed or sealed: taking one waits while GROUPS_IN_FLIGHT are
+      // out, and fixed shared buffers are not left for the workers' garbage collectors to free.
+      const window = new BatchWindow(GROUPS_AWAITING_ACKS);
       while (runs.length > 0) {
+        await window.room();
         const slab = await this.groupSlabs.acquire();
-        if (failed) {
-          this.groupSlabs.release(slab);
+        if (window.failed) {
+          slab.release();
           break;
         }
-        const shipping = shipGroup(takeGroup(runs, record.blockBytes, slab)).finally(() => this.groupSlabs.release(slab));
-        shipping.catch(() => (failed = true));
-        settled.push(shipping);
+        window.add(shipGroup(takeGroup(runs, record.blockBytes, slab.buffer), slab));
       }
-      const failure = (await Promise.allSettled(settled)).find((r): r is PromiseRejectedResult => r.status === 'rejected');
-      if (failure) throw failure.reason;
+      await window.settle();
     } finally {
       shipped.close();
     }

@@ -19,6 +19,7 @@ import { DiskReader } from '../shared/disk-reader.js';
 import { blockCountOf, blockOf, zeroHash } from './block-work.js';
 import { BlockPool, type ScannedBlocks } from './block-pool.js';
 import { SlabPool } from './slab-pool.js';
+import { BatchWindow } from './batch-window.js';
 import { describeDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
 import { reportStatus } from './status-report.js';
@@ -27,8 +28,10 @@ const MAX_PASSES = 3;
 /** A cycle can lose a race with the receiver's garbage collection (SPEC §5.4); a few tries always win it. */
 const MAX_ATTEMPTS = 3;
 const READ_BATCH_BYTES = 4 * 1024 * 1024;
-/** Batches read beyond one per worker: keeps the workers fed while a batch waits on the receiver; each costs a slab of memory. */
+/** Batches read beyond one per worker: keeps the workers fed while a batch waits for the receiver's dedup answer; each costs a slab of memory. */
 const READ_AHEAD_BATCHES = 1;
+/** Batches sent and awaiting the receiver's acks (see BatchWindow): covers the fsyncs behind each ack. */
+const BATCHES_AWAITING_ACKS = 16;
 /** How often a pass persists its resume watermark (see ResumeWatermark). */
 const WATERMARK_PERSIST_MS = 1000;
 /** Hash of a block nobody has described yet: forces the block to be shipped. */
@@ -254,8 +257,10 @@ async function scanPass(
 
 /**
  * One disk, as a pipeline of read batches: the next batches are read while
- * earlier ones are hashed and sealed on the workers and sent; a fixed set of
- * slabs bounds how far reading runs ahead. Batches finish strictly in order,
+ * earlier ones are hashed and sealed on the workers and sent. A fixed set of
+ * slabs bounds the batches being read, hashed and sealed; a batch gives its
+ * slab back once sent, and a BatchWindow bounds those then awaiting the
+ * receiver's acks, whose fsyncs would otherwise stall the pipeline. Batches finish strictly in order,
  * which the resume rule needs: a batch's blocks are staged on the receiver,
  * then its hashes are durable, then the watermark moves past it.
  */
@@ -270,58 +275,61 @@ async function scanDisk(
   // Compared with instead of the pending hashes, which hold nothing of the last point yet (SPEC §7).
   let legacy: HashFile | undefined;
   const watermark = new ResumeWatermark(hashes, opts.state, record.path);
-  const batches: Array<Promise<void>> = [];
-  let failed = false;
+  const window = new BatchWindow(BATCHES_AWAITING_ACKS);
   let reader: DiskReader | undefined;
   try {
     legacy = legacyPath === null ? undefined : HashFile.open(legacyPath);
     reader = await DiskReader.open(readPath, batchBlocks * record.blockBytes);
     let previous: Promise<void> = Promise.resolve();
     const nextTurn = shipTurns();
-    for (let first = startBlock; first < target.blockCount && !failed; first += batchBlocks) {
+    for (let first = startBlock; first < target.blockCount && !window.failed; first += batchBlocks) {
+      await window.room();
       const slab = await slabs.acquire();
-      if (failed) {
-        slabs.release(slab);
+      if (window.failed) {
+        slab.release();
         break;
       }
       let data: Buffer;
       try {
         const count = Math.min(batchBlocks, target.blockCount - first);
-        data = await reader.readInto(slab, first * record.blockBytes, Math.min(count * record.blockBytes, record.sizeBytes - first * record.blockBytes));
+        data = await reader.readInto(slab.buffer, first * record.blockBytes, Math.min(count * record.blockBytes, record.sizeBytes - first * record.blockBytes));
       } catch (err) {
-        slabs.release(slab);
+        slab.release();
         throw err;
       }
       const batchFirst = first;
+      const batchBytes = data.length;
       const known = (legacy ?? hashes).read(batchFirst, blockCountOf(data, record.blockBytes));
       const before = previous;
       const turn = nextTurn();
       const batch = (async () => {
         try {
           const scanned = await pool.scan(data, record.blockBytes, known, legacy !== undefined);
+          let acked = Promise.resolve();
           if (scanned.changed.length > 0) {
-            const changedBytes = await shipBlocks(conn, pool, pointId, record, (i) => batchFirst + i, data, scanned, totals, turn);
-            target.changedBytes += changedBytes;
+            const shipment = await shipBlocks(conn, pool, pointId, record, (i) => batchFirst + i, data, scanned, totals, turn);
+            target.changedBytes += shipment.changedBytes;
+            acked = shipment.acked;
           }
           turn.sent(); // nothing (more) to upload: the next batch may send while this one waits its turn below
+          slab.release(); // every frame is in the connection's own memory now
+          await acked;
           await before;
           hashes.write(batchFirst, scanned.hashes);
           watermark.advance(batchFirst + scanned.hashes.length);
-          onBatchDone(data.length);
+          onBatchDone(batchBytes);
         } finally {
           turn.sent(); // also when nothing changed or the batch failed: the next batch must not wait forever
-          slabs.release(slab);
+          slab.release();
         }
       })();
       // Stop reading at the first failure; later batches fail too (they wait on this one).
-      batch.catch(() => (failed = true));
-      batches.push(batch);
+      window.add(batch);
       previous = batch;
     }
   } finally {
     // Every batch settles before the hash file closes, whatever failed; the batches done are kept for a resume.
-    const settled = await Promise.allSettled(batches);
-    const failure = settled.find((s): s is PromiseRejectedResult => s.status === 'rejected');
+    const failure = await window.settle().then(() => null, (reason: unknown) => ({ reason }));
     try {
       watermark.persist();
     } catch (err) {
@@ -381,10 +389,19 @@ export function shipTurns(): () => ShipTurn {
   };
 }
 
+/** A batch handed to the connection: its data may be reused; the receiver's acks are still to come. */
+export interface Shipment {
+  changedBytes: number;
+  /** Settles once the receiver has stored every chunk and staged the block versions; rejects with the first refusal. */
+  acked: Promise<void>;
+}
+
 /**
  * Ships the changed blocks of one batch: ask which chunks the vault lacks,
  * seal and upload those, then stage the block versions. `blockNumber` maps an
- * index into `data` to the disk block it holds. Returns the bytes changed.
+ * index into `data` to the disk block it holds. Resolves once every frame is
+ * handed to the connection (which copies it), so the caller can reuse `data`
+ * and its sealed envelopes while the acks travel; they are in `acked`.
  * Asking and sealing may run ahead of other batches; with a `turn`, uploads and
  * staging wait for the previous batch's, so batches complete in order, the
  * resume watermark keeps moving, and a block staged twice ends with its newer version.
@@ -392,7 +409,7 @@ export function shipTurns(): () => ShipTurn {
 export async function shipBlocks(
   conn: ReceiverConnection, pool: BlockPool, pointId: number, record: DiskRecord,
   blockNumber: (index: number) => number, data: Buffer, scanned: Pick<ScannedBlocks, 'changed' | 'ids'>, totals: Totals, turn?: ShipTurn,
-): Promise<number> {
+): Promise<Shipment> {
   try {
     const { changed, ids } = scanned;
     const unique = new Map<string, { id: Buffer; index: number }>();
@@ -435,13 +452,16 @@ export async function shipBlocks(
     // (continuous mode re-reads late writes) must have its newer version staged last.
     const staged = await conn.send('blocks.put', { pointId, diskId: record.diskId, blocks: changed.map(blockNumber), ids });
     turn?.sent();
-    // A refused chunk fails the blocks.put behind it too ("chunk not stored"); when both replies
-    // arrive together, the refusal is the cause to report (e.g. the receiver's disk is full).
-    const outcomes = await Promise.allSettled([...replies, staged.reply]);
-    const failure = outcomes.find((o): o is PromiseRejectedResult => o.status === 'rejected');
-    if (failure) throw failure.reason;
-    totals.blocksChanged += changed.length;
-    return changedBytes;
+    const acked = (async () => {
+      // A refused chunk fails the blocks.put behind it too ("chunk not stored"); when both replies
+      // arrive together, the refusal is the cause to report (e.g. the receiver's disk is full).
+      const outcomes = await Promise.allSettled([...replies, staged.reply]);
+      const failure = outcomes.find((o): o is PromiseRejectedResult => o.status === 'rejected');
+      if (failure) throw failure.reason;
+      totals.blocksChanged += changed.length;
+    })();
+    acked.catch(() => {}); // the caller awaits it later; a rejection before then is not unhandled
+    return { changedBytes, acked };
   } finally {
     turn?.sent();
   }

@@ -190,17 +190,25 @@ describe('worker pool', () => {
 });
 
 describe('slab pool', () => {
-  it('hands out at most its count and wakes a waiter on release', async () => {
+  it('hands out at most its count and wakes a waiter on release; a second release of the same slab does nothing', async () => {
     const slabs = new SlabPool(2, 1024);
     const a = await slabs.acquire();
     const b = await slabs.acquire();
-    assert.ok(a.buffer instanceof SharedArrayBuffer && a !== b);
+    assert.ok(a.buffer.buffer instanceof SharedArrayBuffer && a.buffer !== b.buffer);
     let third: Buffer | null = null;
-    const waiting = slabs.acquire().then((s) => (third = s));
+    const waiting = slabs.acquire().then((s) => (third = s.buffer));
     await new Promise((r) => setImmediate(r));
     assert.equal(third, null, 'no third slab while two are out');
-    slabs.release(a);
-    assert.equal(await waiting, a);
+    a.release();
+    assert.equal(await waiting, a.buffer);
+    a.release(); // the waiter holds it now: this must not free it for a fourth taker
+    let fourth: Buffer | null = null;
+    void slabs.acquire().then((s) => (fourth = s.buffer));
+    await new Promise((r) => setImmediate(r));
+    assert.equal(fourth, null, 'no slab while all are out, whatever a stale holder calls');
+    b.release();
+    await new Promise((r) => setImmediate(r));
+    assert.equal(fourth, b.buffer);
   });
 });
 

@@ -1,0 +1,35 @@
+// The batches a pass has sent and the receiver has not yet acknowledged.
+//
+// A batch gives its read slab back as soon as its frames are handed to the
+// connection, so the slabs bound only the batches being read, hashed and
+// sealed. This window bounds the rest: at most `limit` batches wait on the
+// receiver's fsyncs at a time, which bounds what one agent has in flight
+// there, and the agent keeps no record per batch of a whole disk.
+
+export class BatchWindow {
+  /** Oldest first; each settles when its batch does, and never rejects (failures go to `failure`). */
+  private readonly waiting: Array<Promise<void>> = [];
+  private failure: { reason: unknown } | null = null;
+
+  constructor(readonly limit: number) {}
+
+  /** Whether a batch has failed: the pass stops starting new ones. */
+  get failed(): boolean {
+    return this.failure !== null;
+  }
+
+  /** Waits until fewer than `limit` batches are in the window. Batches finish in order, so the oldest goes first. */
+  async room(): Promise<void> {
+    while (this.waiting.length >= this.limit) await this.waiting.shift();
+  }
+
+  add(batch: Promise<void>): void {
+    this.waiting.push(batch.then(() => undefined, (reason: unknown) => void (this.failure ??= { reason })));
+  }
+
+  /** Waits for every batch in the window to settle, then throws the first failure, if any. */
+  async settle(): Promise<void> {
+    await Promise.all(this.waiting.splice(0));
+    if (this.failure) throw this.failure.reason;
+  }
+}
