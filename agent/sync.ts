@@ -260,9 +260,10 @@ async function scanPass(
  * earlier ones are hashed and sealed on the workers and sent. A fixed set of
  * slabs bounds the batches being read, hashed and sealed; a batch gives its
  * slab back once sent, and a BatchWindow bounds those then awaiting the
- * receiver's acks, whose fsyncs would otherwise stall the pipeline. Batches finish strictly in order,
- * which the resume rule needs: a batch's blocks are staged on the receiver,
- * then its hashes are durable, then the watermark moves past it.
+ * receiver's acks, whose fsyncs would otherwise stall the pipeline. Batches
+ * finish strictly in order, which the resume rule needs: a batch's blocks are
+ * staged on the receiver, then its hashes are durable, then the watermark
+ * moves past it.
  */
 async function scanDisk(
   conn: ReceiverConnection, opts: SyncOptions, pool: BlockPool, pointId: number, target: Target, readPath: string, startBlock: number,
@@ -298,7 +299,6 @@ async function scanDisk(
         throw err;
       }
       const batchFirst = first;
-      const batchBytes = data.length;
       const known = (legacy ?? hashes).read(batchFirst, blockCountOf(data, record.blockBytes));
       const before = previous;
       const turn = nextTurn();
@@ -317,7 +317,7 @@ async function scanDisk(
           await before;
           hashes.write(batchFirst, scanned.hashes);
           watermark.advance(batchFirst + scanned.hashes.length);
-          onBatchDone(batchBytes);
+          onBatchDone(data.length);
         } finally {
           turn.sent(); // also when nothing changed or the batch failed: the next batch must not wait forever
           slab.release();
