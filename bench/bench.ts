@@ -14,6 +14,7 @@ import { DEFAULT_BLOCK_BYTES } from '../shared/protocol.js';
 import type { ReceiverStatus } from '../receiver/catalog.js';
 import { chunkOpenWork, copyImage, dropFromCache, lz4Available, lz4Cli, perBlockWork, rawRead, warmCache, type Timed } from './baselines.js';
 import { BenchCluster } from './cluster.js';
+import { readHostCpuTicks, stealShareSince } from './proc-watch.js';
 import { buildImage, dataBytes } from './image.js';
 import { continuousBench, continuousUnavailable, type ContinuousResults } from './continuous.js';
 import { tlsLoopback } from './tls-baseline.js';
@@ -48,6 +49,7 @@ async function main(): Promise<void> {
 
     // Throughput figures run from the page cache (warm), so they compare CPU pipelines; the cold
     // read is reported too, as the disk's own limit.
+    const baselinesStart = readHostCpuTicks();
     dropFromCache(image);
     const coldRead = rawRead(image, sizeBytes);
     warmCache(image);
@@ -55,11 +57,14 @@ async function main(): Promise<void> {
     const lz4 = lz4Cli(image, sizeBytes);
     const blockWork = perBlockWork(image, sizeBytes, DEFAULT_BLOCK_BYTES);
     const chunkOpen = chunkOpenWork(image, sizeBytes, DEFAULT_BLOCK_BYTES);
+    const baselineSteal = stealShareSince(baselinesStart);
 
     say('initial sync...');
     await cluster.enroll('bench');
     const empty = await cluster.deployment.receiver.status();
+    const initialStart = readHostCpuTicks();
     const initial = await cluster.runOnce('bench', [image]);
+    const initialSteal = stealShareSince(initialStart);
     const status = await cluster.deployment.receiver.status();
     const tls = await tlsLoopback(status.packBytes);
 
@@ -74,14 +79,18 @@ async function main(): Promise<void> {
     say('restore...');
     const restored = join(work, 'restored.img');
     const cp = copyImage(image, join(work, 'copy.img'), sizeBytes);
+    const restoreStart = readHostCpuTicks();
     const restore = await cluster.restore('bench', image, incremental.point.pointId, restored);
+    const restoreSteal = stealShareSince(restoreStart);
     const restoreMatches = (await sha256File(restored)) === (await sha256File(image));
     rmSync(restored, { force: true });
 
     say('failback of the initial point onto a copy of the changed image...');
     const failbackTarget = join(work, 'failback.img');
     copyFileSync(image, failbackTarget);
+    const failbackStart = readHostCpuTicks();
     const failback = await cluster.restore('bench', image, initial.point.pointId, failbackTarget, ['--failback']);
+    const failbackSteal = stealShareSince(failbackStart);
     const failbackMatches = (await sha256File(failbackTarget)) === initialImageSha;
     rmSync(failbackTarget, { force: true });
 
@@ -100,8 +109,9 @@ async function main(): Promise<void> {
     const cores = availableParallelism();
     const results: BenchResults = {
       date: new Date().toISOString(),
-      // Load from other work on the machine skews every figure; the 1-minute load average says how much.
-      machine: { cores, cpu: cpus()[0]?.model ?? 'unknown', memoryBytes: totalmem(), node: process.version, loadBefore, loadAfter: loadavg()[0]! },
+      // Load from other work on the machine skews every figure; the 1-minute load average says how much,
+      // and steal how much the hypervisor took (from 0 to over 40 % within minutes on the 2-core VM it was built on).
+      machine: { cores, cpu: cpus()[0]?.model ?? 'unknown', memoryBytes: totalmem(), node: process.version, loadBefore, loadAfter: loadavg()[0]!, baselineSteal },
       image: { sizeBytes, dataBytes: data, blockBytes: DEFAULT_BLOCK_BYTES, fill: 'ext4, ~60 % full: random binaries, logs, gzip archives, a duplicated directory' },
       baselines: { coldRead: brief(coldRead), warmRead: brief(warmRead), lz4: brief(lz4), blockWork: brief(blockWork), chunkOpen: brief(chunkOpen), cp: brief(cp) },
       initialSync: {
@@ -115,7 +125,7 @@ async function main(): Promise<void> {
         bytesRead: initial.point.bytesRead,
         chunksUploaded: initial.point.chunksUploaded,
         chunksDeduplicated: initial.point.chunksDeduplicated,
-        cpu: cpuShare(initial.wallSeconds, cores, { agent: initial.agentCpuSeconds, receiver: initial.receiverCpuSeconds }),
+        cpu: cpuShare(initial.wallSeconds, cores, initialSteal, { agent: initial.agentCpuSeconds, receiver: initial.receiverCpuSeconds }),
         tlsAlone: { bytes: status.packBytes, ...tls },
       },
       incrementalScan: {
@@ -128,12 +138,12 @@ async function main(): Promise<void> {
       restore: {
         seconds: restore.wallSeconds, mibps: perSecond(sizeBytes, restore.wallSeconds), vsCp: perSecond(sizeBytes, restore.wallSeconds) / cp.mibPerSecond, identical: restoreMatches,
         vsChunkOpen: perSecond(sizeBytes, restore.wallSeconds) / chunkOpen.mibPerSecond,
-        cpu: cpuShare(restore.wallSeconds, cores, { restore: restore.restoreCpuSeconds, receiver: restore.receiverCpuSeconds }),
+        cpu: cpuShare(restore.wallSeconds, cores, restoreSteal, { restore: restore.restoreCpuSeconds, receiver: restore.receiverCpuSeconds }),
       },
       failback: {
         seconds: failback.wallSeconds, mibps: perSecond(sizeBytes, failback.wallSeconds), vsCp: perSecond(sizeBytes, failback.wallSeconds) / cp.mibPerSecond,
         bytesRead: failback.report.bytesRead, blocksWritten: failback.report.blocksWritten, changedBlocks: changeCount, identical: failbackMatches,
-        cpu: cpuShare(failback.wallSeconds, cores, { restore: failback.restoreCpuSeconds, receiver: failback.receiverCpuSeconds }),
+        cpu: cpuShare(failback.wallSeconds, cores, failbackSteal, { restore: failback.restoreCpuSeconds, receiver: failback.receiverCpuSeconds }),
       },
       storage: { dataBytes: data, storedChunkBytes: status.storedChunkBytes, packBytes: status.packBytes, storedVsData: status.packBytes / data },
       catalog: catalogGrowth(empty, status, DEFAULT_BLOCK_BYTES),
@@ -172,9 +182,9 @@ function catalogGrowth(before: ReceiverStatus, after: ReceiverStatus, blockBytes
 }
 
 /** CPU seconds per process over a wall time, and the share of the machine's cores they kept busy. */
-function cpuShare(wallSeconds: number, cores: number, seconds: Record<string, number>): CpuShare {
+function cpuShare(wallSeconds: number, cores: number, steal: number, seconds: Record<string, number>): CpuShare {
   const total = Object.values(seconds).reduce((sum, s) => sum + s, 0);
-  return { seconds, busyCores: total / wallSeconds, cores };
+  return { seconds, busyCores: total / wallSeconds, cores, steal };
 }
 
 main().catch((err) => {

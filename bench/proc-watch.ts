@@ -29,6 +29,26 @@ export function readCpuSeconds(pid: number): number | null {
   }
 }
 
+/** This machine's CPU time so far, all CPUs, in ticks (/proc/stat). */
+export interface HostCpuTicks {
+  /** Time the hypervisor ran something else while this VM's CPUs wanted to run (0 on bare metal). */
+  steal: number;
+  total: number;
+}
+
+export function readHostCpuTicks(): HostCpuTicks {
+  // cpu  user nice system idle iowait irq softirq steal ...: guest time is already counted in user.
+  const fields = readFileSync('/proc/stat', 'utf8').split('\n')[0]!.trim().split(/\s+/).slice(1, 9).map(Number);
+  return { steal: fields[7] ?? 0, total: fields.reduce((sum, t) => sum + t, 0) };
+}
+
+/** The share of the CPU time since `since` that the hypervisor took (steal): figures measured under a high one run slow. */
+export function stealShareSince(since: HostCpuTicks): number {
+  const now = readHostCpuTicks();
+  const total = now.total - since.total;
+  return total > 0 ? (now.steal - since.steal) / total : 0;
+}
+
 export class ProcessWatch {
   private peak = 0;
   private cpu = 0;

@@ -7,11 +7,14 @@ export interface CpuShare {
   seconds: Record<string, number>;
   busyCores: number;
   cores: number;
+  /** Share of the machine's CPU time the hypervisor took meanwhile (bench/proc-watch.ts). */
+  steal: number;
 }
 
 export interface BenchResults {
   date: string;
-  machine: { cores: number; cpu: string; memoryBytes: number; node: string; loadBefore: number; loadAfter: number };
+  /** baselineSteal: the hypervisor's share of CPU time while the baselines ran. */
+  machine: { cores: number; cpu: string; memoryBytes: number; node: string; loadBefore: number; loadAfter: number; baselineSteal: number };
   image: { sizeBytes: number; dataBytes: number; blockBytes: number; fill: string };
   baselines: Record<'coldRead' | 'warmRead' | 'lz4' | 'blockWork' | 'chunkOpen' | 'cp', { seconds: number; mibps: number }>;
   initialSync: {
@@ -40,7 +43,8 @@ const x = (r: number) => `${r.toFixed(2)}×`;
 const s = (sec: number) => `${sec.toFixed(2)} s`;
 const verdict = (ok: boolean) => (ok ? 'met' : 'MISSED');
 const cpu = (c: CpuShare) => `${Object.entries(c.seconds).map(([name, sec]) => `${name} ${sec.toFixed(1)}`).join(' + ')} CPU-s`;
-const busy = (c: CpuShare) => `${c.busyCores.toFixed(2)} of ${c.cores} cores busy`;
+const pct = (share: number) => `${(100 * share).toFixed(0)} %`;
+const busy = (c: CpuShare) => `${c.busyCores.toFixed(2)} of ${c.cores} cores busy; steal ${pct(c.steal)}`;
 
 export function rows(r: BenchResults): Row[] {
   const i = r.initialSync;
@@ -88,7 +92,7 @@ export function rows(r: BenchResults): Row[] {
 }
 
 function header(r: BenchResults): string {
-  return `${r.date} · ${r.machine.cores} cores (${r.machine.cpu}), load average ${r.machine.loadBefore.toFixed(1)} before / ${r.machine.loadAfter.toFixed(1)} after · Node ${r.machine.node} · image ${mib(r.image.sizeBytes)}, ${mib(r.image.dataBytes)} data, ${r.image.blockBytes / 1024} KiB blocks`;
+  return `${r.date} · ${r.machine.cores} cores (${r.machine.cpu}), load average ${r.machine.loadBefore.toFixed(1)} before / ${r.machine.loadAfter.toFixed(1)} after, steal ${pct(r.machine.baselineSteal)} during the baselines · Node ${r.machine.node} · image ${mib(r.image.sizeBytes)}, ${mib(r.image.dataBytes)} data, ${r.image.blockBytes / 1024} KiB blocks`;
 }
 
 export function renderTable(r: BenchResults): string {
