@@ -18,7 +18,11 @@ export class BatchWindow {
     return this.failure !== null;
   }
 
-  /** Waits until fewer than `limit` batches are in the window. Batches finish in order, so the oldest goes first. */
+  /**
+   * Waits until fewer than `limit` batches are in the window, by waiting for the oldest. A scan's
+   * batches finish in order; a continuous round's groups may not, and then the window holds
+   * fewer than `limit` unsettled batches for a while, never more.
+   */
   async room(): Promise<void> {
     while (this.waiting.length >= this.limit) await this.waiting.shift();
   }
