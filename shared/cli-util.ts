@@ -6,8 +6,14 @@ import { Command, CommanderError, Option } from 'commander';
 import { TidemarkError, asTidemarkError } from './errors.js';
 
 export async function runCli(program: Command, argv = process.argv): Promise<void> {
-  program.exitOverride();
-  program.configureOutput({ writeErr: (s) => process.stderr.write(s.startsWith('error:') ? '' : s) });
+  // Commander's own errors (unknown or missing options, conflicts) are usage errors, exit 2, in every
+  // subcommand: the settings are not inherited by commands created before they are made.
+  const commands = [program];
+  for (const command of commands) {
+    command.exitOverride();
+    command.configureOutput({ writeErr: (s) => process.stderr.write(s.startsWith('error:') ? '' : s) });
+    commands.push(...command.commands);
+  }
   try {
     await program.parseAsync(argv);
   } catch (err) {

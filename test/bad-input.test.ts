@@ -76,6 +76,20 @@ describe('bad input', () => {
     assert.match(oneLine(r.stderr), /no passphrase/);
   });
 
+  it('a missing or unknown flag of a subcommand: exit 2 and one line, in every CLI', async () => {
+    const cases: Array<[Parameters<typeof runCli>[0], string[], RegExp]> = [
+      ['receiver', ['token'], /^tidemark-receiver: required option '--data <dir>' not specified \(see --help\)$/],
+      ['receiver', ['status', '--data', d.receiver.dataDir, '--verbose'], /^tidemark-receiver: unknown option '--verbose'/],
+      ['agent', ['run', '--state', state, '--no-such-flag'], /^tidemark-agent: unknown option '--no-such-flag'/],
+      ['restore', ['disk', '--to', 'x.img'], /^tidemark-restore: required option '--receiver <url>' not specified/],
+    ];
+    for (const [tool, args, message] of cases) {
+      const r = await runCli(tool, args);
+      assert.equal(r.code, 2, `${tool} ${args.join(' ')}: ${r.stderr}`);
+      assert.match(oneLine(r.stderr), message);
+    }
+  });
+
   it('wrong fingerprint: exit 7 before any credential is sent', async () => {
     const wrong = 'AB:'.repeat(31) + 'AB';
     const r = await runCli('restore', ['points', '--receiver', d.receiver.url, '--fingerprint', wrong, '--key-file', d.keyFile, '--host', 'delta'], { TIDEMARK_TOKEN: d.restoreToken });
