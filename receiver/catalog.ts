@@ -25,6 +25,8 @@ CREATE TABLE IF NOT EXISTS token (
 CREATE TABLE IF NOT EXISTS host (
   id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, vault_id TEXT NOT NULL,
   credential_hash BLOB NOT NULL UNIQUE, enrolled_ms INTEGER NOT NULL);
+-- Hosts whose credential was revoked (tidemark-receiver revoke --host); re-enrolling one deletes its row.
+CREATE TABLE IF NOT EXISTS host_revocation (host_id INTEGER PRIMARY KEY REFERENCES host(id), revoked_ms INTEGER NOT NULL);
 -- A vault is recorded by its first enrollment; proof_hash = SHA-256 of VaultKeys.vaultProof (receiver/vault-proof.ts).
 CREATE TABLE IF NOT EXISTS vault (vault_id TEXT PRIMARY KEY, proof_hash BLOB NOT NULL, created_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS disk (
@@ -60,10 +62,25 @@ CREATE TABLE IF NOT EXISTS host_report (
   backlog_bytes INTEGER NOT NULL, bytes_per_second INTEGER NOT NULL, reported_ms INTEGER NOT NULL);
 `;
 
+/** Who a connection is; `secretHash` is what it authenticated with, checked again while it lasts (stillValid). */
 export type Principal =
-  | { role: 'agent'; hostId: number; host: string; vaultId: string }
-  | { role: 'restore' }
+  | { role: 'agent'; hostId: number; host: string; vaultId: string; secretHash: Buffer }
+  | { role: 'restore'; secretHash: Buffer }
   | { role: 'enroll'; tokenHash: Buffer };
+
+/** A token as `tidemark-receiver token --list` shows it: never the secret, only a prefix of its hash. */
+export interface TokenInfo {
+  /** The first TOKEN_ID_HEX hex digits of the token's SHA-256: what `revoke --token` takes. */
+  id: string;
+  kind: 'enroll' | 'restore';
+  createdAt: string;
+  /** When an enrollment token was used; null while unused (and for restore tokens). */
+  usedAt: string | null;
+  /** The host an enrollment token enrolled, or re-enrolls when used (token --host). */
+  host: string | null;
+}
+
+const TOKEN_ID_HEX = 16;
 
 export interface ChunkLocation {
   packId: number;
@@ -146,10 +163,62 @@ export class Catalog {
 
   // --- tokens and principals ---------------------------------------------
 
-  createToken(kind: 'enroll' | 'restore'): string {
+  /** `reenrollHost`: an enrollment token that gives that existing host a new credential (its old one stops working). */
+  createToken(kind: 'enroll' | 'restore', reenrollHost: string | null = null): string {
     const token = newSecret(kind === 'enroll' ? 'tmenroll' : 'tmrestore');
-    this.db.prepare(`INSERT INTO token (hash, kind, created_ms) VALUES (?, ?, ?)`).run(hashSecret(token), kind, Date.now());
+    const hostId = reenrollHost === null ? null : this.hostIdOf(reenrollHost);
+    this.db.prepare(`INSERT INTO token (hash, kind, created_ms, host_id) VALUES (?, ?, ?, ?)`).run(hashSecret(token), kind, Date.now(), hostId);
     return token;
+  }
+
+  private hostIdOf(name: string): number {
+    const id = this.db.prepare(`SELECT id FROM host WHERE name = ?`).pluck().get(name) as number | undefined;
+    if (id === undefined) throw new TidemarkError('E_NOT_FOUND', `no host named "${name}" is enrolled; tidemark-receiver status lists them`);
+    return id;
+  }
+
+  listTokens(): TokenInfo[] {
+    const rows = this.db.prepare(`
+      SELECT t.hash, t.kind, t.created_ms AS createdMs, t.used_ms AS usedMs, h.name AS host
+      FROM token t LEFT JOIN host h ON h.id = t.host_id ORDER BY t.created_ms, t.hash`).all() as
+      Array<{ hash: Buffer; kind: 'enroll' | 'restore'; createdMs: number; usedMs: number | null; host: string | null }>;
+    return rows.map((r) => ({
+      id: r.hash.toString('hex').slice(0, TOKEN_ID_HEX), kind: r.kind, createdAt: new Date(r.createdMs).toISOString(),
+      usedAt: r.usedMs === null ? null : new Date(r.usedMs).toISOString(), host: r.host,
+    }));
+  }
+
+  /** Deletes the token whose id (as listTokens shows it) is `id`: a restore token stops working, an enrollment token cannot be used. */
+  revokeToken(id: string): TokenInfo {
+    if (!new RegExp(`^[0-9a-f]{${TOKEN_ID_HEX}}$`).test(id)) {
+      throw new TidemarkError('E_USAGE', `invalid token id "${id}": use the ${TOKEN_ID_HEX}-digit id that tidemark-receiver token --list shows`);
+    }
+    const token = this.listTokens().find((t) => t.id === id);
+    if (!token) throw new TidemarkError('E_NOT_FOUND', `no token with id ${id}; tidemark-receiver token --list shows them`);
+    this.db.prepare(`DELETE FROM token WHERE substr(hex(hash), 1, ${TOKEN_ID_HEX}) = upper(?)`).run(id);
+    return token;
+  }
+
+  /**
+   * The host's credential stops working: new connections are refused, open sessions are closed at the
+   * receiver's next heartbeat. Its points stay (restore tokens read them); \`token --host\` lets it enroll again.
+   */
+  revokeHost(name: string): { host: string; revokedAt: string } {
+    return this.db.transaction(() => {
+      const hostId = this.hostIdOf(name);
+      const nowMs = Date.now();
+      // No secret hashes to fresh random bytes: the credential column stays unique and matches nothing.
+      this.db.prepare(`UPDATE host SET credential_hash = ? WHERE id = ?`).run(randomBytes(32), hostId);
+      this.db.prepare(`INSERT OR REPLACE INTO host_revocation (host_id, revoked_ms) VALUES (?, ?)`).run(hostId, nowMs);
+      return { host: name, revokedAt: new Date(nowMs).toISOString() };
+    }).immediate();
+  }
+
+  /** Whether the secret a session authenticated with still names the same principal (not revoked, not replaced). */
+  stillValid(p: Principal): boolean {
+    if (p.role === 'agent') return this.db.prepare(`SELECT 1 FROM host WHERE id = ? AND credential_hash = ?`).get(p.hostId, p.secretHash) !== undefined;
+    if (p.role === 'restore') return this.db.prepare(`SELECT 1 FROM token WHERE hash = ? AND kind = 'restore'`).get(p.secretHash) !== undefined;
+    return this.db.prepare(`SELECT 1 FROM token WHERE hash = ? AND kind = 'enroll' AND used_ms IS NULL`).get(p.tokenHash) !== undefined;
   }
 
   /** The principal an Authorization header names, or undefined when it names nobody. */
@@ -160,23 +229,38 @@ export class Catalog {
       return row && row.kind === 'enroll' && row.used_ms === null ? { role: 'enroll', tokenHash: hash } : undefined;
     }
     const host = this.db.prepare(`SELECT id, name, vault_id FROM host WHERE credential_hash = ?`).get(hash) as { id: number; name: string; vault_id: string } | undefined;
-    if (host) return { role: 'agent', hostId: host.id, host: host.name, vaultId: host.vault_id };
+    if (host) return { role: 'agent', hostId: host.id, host: host.name, vaultId: host.vault_id, secretHash: hash };
     const token = this.db.prepare(`SELECT kind FROM token WHERE hash = ? AND kind = 'restore'`).get(hash);
-    return token ? { role: 'restore' } : undefined;
+    return token ? { role: 'restore', secretHash: hash } : undefined;
   }
 
-  /** Consumes the enrollment token and creates the host, atomically: a token works once. */
+  /**
+   * Consumes the enrollment token and creates the host, atomically: a token works once. A
+   * token made with `token --host NAME` instead gives that host a new credential: the same
+   * name and vault only, so its points and disks carry on.
+   */
   enrollHost(tokenHash: Buffer, name: string, vaultId: string): { hostId: number; credential: string } {
     return this.db.transaction(() => {
-      const used = this.db.prepare(`UPDATE token SET used_ms = ? WHERE hash = ? AND kind = 'enroll' AND used_ms IS NULL`).run(Date.now(), tokenHash);
-      if (used.changes !== 1) throw new TidemarkError('E_AUTH', 'enrollment token already used; create a new one with tidemark-receiver token');
-      if (this.db.prepare(`SELECT 1 FROM host WHERE name = ?`).get(name)) {
-        throw new TidemarkError('E_CONFLICT', `a host named "${name}" is already enrolled; choose another --host name`);
-      }
+      const token = this.db.prepare(`SELECT host_id AS hostId FROM token WHERE hash = ? AND kind = 'enroll' AND used_ms IS NULL`).get(tokenHash) as { hostId: number | null } | undefined;
+      if (!token) throw new TidemarkError('E_AUTH', 'enrollment token already used or revoked; create a new one with tidemark-receiver token');
       const credential = newSecret('tmhost');
-      const hostId = Number(this.db.prepare(`INSERT INTO host (name, vault_id, credential_hash, enrolled_ms) VALUES (?, ?, ?, ?)`)
-        .run(name, vaultId, hashSecret(credential), Date.now()).lastInsertRowid);
-      this.db.prepare(`UPDATE token SET host_id = ? WHERE hash = ?`).run(hostId, tokenHash);
+      const nowMs = Date.now();
+      let hostId: number;
+      if (token.hostId === null) {
+        if (this.db.prepare(`SELECT 1 FROM host WHERE name = ?`).get(name)) {
+          throw new TidemarkError('E_CONFLICT', `a host named "${name}" is already enrolled; choose another --host name (or, to replace its credential, enroll with a token from tidemark-receiver token --host ${name})`);
+        }
+        hostId = Number(this.db.prepare(`INSERT INTO host (name, vault_id, credential_hash, enrolled_ms) VALUES (?, ?, ?, ?)`)
+          .run(name, vaultId, hashSecret(credential), nowMs).lastInsertRowid);
+      } else {
+        const host = this.db.prepare(`SELECT name, vault_id AS vaultId FROM host WHERE id = ?`).get(token.hostId) as { name: string; vaultId: string };
+        if (host.name !== name) throw new TidemarkError('E_CONFLICT', `this token re-enrolls host "${host.name}"; pass --host ${host.name}`);
+        if (host.vaultId !== vaultId) throw new TidemarkError('E_FORBIDDEN', `host "${host.name}" was enrolled with another key file (vault ${host.vaultId}); re-enroll it with that key file`);
+        hostId = token.hostId;
+        this.db.prepare(`UPDATE host SET credential_hash = ?, enrolled_ms = ? WHERE id = ?`).run(hashSecret(credential), nowMs, hostId);
+        this.db.prepare(`DELETE FROM host_revocation WHERE host_id = ?`).run(hostId);
+      }
+      this.db.prepare(`UPDATE token SET used_ms = ?, host_id = ? WHERE hash = ?`).run(nowMs, hostId, tokenHash);
       return { hostId, credential };
     }).immediate();
   }
@@ -483,8 +567,9 @@ export class Catalog {
   }
 
   status(): ReceiverStatus {
-    const hosts = this.db.prepare(`SELECT id, name, vault_id AS vaultId, enrolled_ms AS enrolledMs FROM host ORDER BY name`).all() as
-      Array<{ id: number; name: string; vaultId: string; enrolledMs: number }>;
+    const hosts = this.db.prepare(`SELECT h.id, h.name, h.vault_id AS vaultId, h.enrolled_ms AS enrolledMs, r.revoked_ms AS revokedMs
+      FROM host h LEFT JOIN host_revocation r ON r.host_id = h.id ORDER BY h.name`).all() as
+      Array<{ id: number; name: string; vaultId: string; enrolledMs: number; revokedMs: number | null }>;
     const lastPoint = this.db.prepare(`SELECT id, time_ms AS timeMs, crash_consistent AS cc FROM point WHERE host_id = ? AND state = 'committed' ORDER BY id DESC LIMIT 1`);
     const pointCount = this.db.prepare(`SELECT COUNT(*) FROM point WHERE host_id = ? AND state = 'committed'`).pluck();
     const openPoint = this.db.prepare(`SELECT id FROM point WHERE host_id = ? AND state = 'open'`).pluck();
@@ -505,6 +590,8 @@ export class Catalog {
           name: h.name,
           vaultId: h.vaultId,
           enrolledAt: new Date(h.enrolledMs).toISOString(),
+          /** Set while the host's credential is revoked (until it enrolls again). */
+          credentialRevokedAt: h.revokedMs === null ? null : new Date(h.revokedMs).toISOString(),
           // As the agent last reported it; reportedAt says how fresh that is.
           state: r?.state ?? (last ? 'Replicating' : 'Initialized'),
           reason: r?.reason ?? null,
@@ -545,6 +632,7 @@ export interface ReceiverStatus {
     name: string;
     vaultId: string;
     enrolledAt: string;
+    credentialRevokedAt: string | null;
     state: HostState;
     reason: string | null;
     tracker: string | null;

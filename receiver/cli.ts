@@ -1,4 +1,4 @@
-// tidemark-receiver: init, serve, token, status (CLI contract: DESIGN §9, README).
+// tidemark-receiver: init, serve, token, revoke, prune, status, verify (CLI contract: DESIGN §9, README).
 import { Command, Option } from 'commander';
 import { TidemarkError } from '../shared/errors.js';
 import { printJson, runCli } from '../shared/cli-util.js';
@@ -7,7 +7,7 @@ import { formatBytes, parseDurationMs } from '../shared/units.js';
 import { parseIntOption } from '../shared/cli-util.js';
 import { prune } from './prune.js';
 import { resolvePolicy } from './retention.js';
-import { Catalog } from './catalog.js';
+import { Catalog, type TokenInfo } from './catalog.js';
 import { initDataDir, openDataDir } from './data-dir.js';
 import { ReceiverServer } from './server.js';
 import { runReceiverVerify } from './verify.js';
@@ -51,17 +51,55 @@ program.command('serve')
   });
 
 program.command('token')
-  .description('create a one-time enrollment token (or, with --restore, a read-only restore token)')
+  .description('create a one-time enrollment token (--host: one that re-enrolls an existing host; --restore: a read-only restore token), or list them')
   .addOption(dataOption())
-  .option('--restore', 'a reusable read-only token for tidemark-restore')
-  .option('--json', 'print {"token": ...}')
-  .action((opts: { data: string; restore?: boolean; json?: boolean }) => {
+  .addOption(new Option('--restore', 'a reusable read-only token for tidemark-restore').conflicts('host'))
+  .option('--host <name>', 'an enrollment token that gives this enrolled host a new credential (same name and key file; its points carry on)')
+  .addOption(new Option('--list', 'list the tokens (ids, kinds, use), never their secrets').conflicts(['restore', 'host']))
+  .option('--json', 'print one JSON document')
+  .action((opts: { data: string; restore?: boolean; host?: string; list?: boolean; json?: boolean }) => {
     const dir = openDataDir(opts.data);
     const catalog = Catalog.open(dir.catalogPath);
     try {
-      const token = catalog.createToken(opts.restore ? 'restore' : 'enroll');
-      if (opts.json) return printJson({ token, kind: opts.restore ? 'restore' : 'enroll' });
+      if (opts.list) return printTokens(catalog.listTokens(), opts.json === true);
+      const kind = opts.restore ? 'restore' : 'enroll';
+      const token = catalog.createToken(kind, opts.host ?? null);
+      if (opts.json) return printJson({ token, kind, host: opts.host ?? null });
       process.stdout.write(`${token}\n`);
+    } finally {
+      catalog.close();
+    }
+  });
+
+function printTokens(tokens: TokenInfo[], json: boolean): void {
+  if (json) return printJson({ tokens });
+  for (const t of tokens) {
+    const use = t.kind === 'restore' ? 'reusable' : t.usedAt ? `used ${t.usedAt}${t.host ? ` by host ${t.host}` : ''}` : t.host ? `unused, re-enrolls host ${t.host}` : 'unused';
+    process.stdout.write(`${t.id}  ${t.kind.padEnd(7)}  created ${t.createdAt}  ${use}\n`);
+  }
+  if (tokens.length === 0) process.stdout.write('no tokens\n');
+}
+
+program.command('revoke')
+  .description('stop a host credential or a token from working; open sessions using it are closed within 15 s')
+  .addOption(dataOption())
+  .addOption(new Option('--host <name>', "revoke the host's credential (its points stay; token --host re-enrolls it)").conflicts('token'))
+  .option('--token <id>', 'revoke the token with this id (from token --list)')
+  .option('--json', 'print one JSON document')
+  .action((opts: { data: string; host?: string; token?: string; json?: boolean }) => {
+    if ((opts.host === undefined) === (opts.token === undefined)) throw new TidemarkError('E_USAGE', 'say what to revoke: --host NAME or --token ID');
+    const dir = openDataDir(opts.data);
+    const catalog = Catalog.open(dir.catalogPath);
+    try {
+      if (opts.host !== undefined) {
+        const revoked = catalog.revokeHost(opts.host);
+        if (opts.json) return printJson({ revoked: 'host', ...revoked });
+        process.stdout.write(`revoked the credential of host ${revoked.host}; its points stay readable with a restore token\n`);
+      } else {
+        const revoked = catalog.revokeToken(opts.token!);
+        if (opts.json) return printJson({ revoked: 'token', token: revoked });
+        process.stdout.write(`revoked ${revoked.kind} token ${revoked.id}\n`);
+      }
     } finally {
       catalog.close();
     }

@@ -18,6 +18,8 @@ import { LocalPackStore } from './pack-store.js';
 import { Session } from './session.js';
 
 const HEARTBEAT_MS = 15_000;
+/** WebSocket close code (application range) for a session whose credential was revoked. */
+const CLOSE_REVOKED = 4401;
 /** The receiver CLI (receiver/cli.ts, compiled beside this module): scheduled prunes run its `prune`. */
 const RECEIVER_CLI = fileURLToPath(new URL('./cli.js', import.meta.url));
 
@@ -30,6 +32,8 @@ const MAX_CONNECTIONS = 256;
 
 export class ReceiverServer {
   private readonly alive = new WeakSet<WebSocket>();
+  /** What each session authenticated as, checked again at every heartbeat (beat). */
+  private readonly principals = new WeakMap<WebSocket, Principal>();
   private heartbeat: NodeJS.Timeout | null = null;
   private pruneTimer: NodeJS.Timeout | null = null;
   private pruning: ChildProcess | null = null;
@@ -169,12 +173,13 @@ export class ReceiverServer {
     if (!principal) {
       const message = path === ENROLL_PATH
         ? 'enrollment token unknown or already used; create a new one with tidemark-receiver token'
-        : 'credential not recognized by this receiver; enroll the host again or use a valid restore token';
+        : 'credential not recognized by this receiver (revoked, or made by another receiver): re-enroll the host with a token from tidemark-receiver token --host NAME, or use a valid restore token';
       this.log.warn({ path, remote: req.socket.remoteAddress }, 'authentication refused');
       return refuse(socket, 401, message);
     }
     this.wss.handleUpgrade(req, socket, head, (ws) => {
       this.gate.upgraded(req.socket);
+      this.principals.set(ws, principal);
       this.alive.add(ws);
       ws.on('pong', () => this.alive.add(ws));
       ws.on('error', (err) => this.log.debug({ err: err.message }, 'connection error'));
@@ -190,10 +195,26 @@ export class ReceiverServer {
     return this.catalog.authenticate(scheme, match[2]!);
   }
 
+  /** Also where revocation reaches open sessions: a secret revoked since the upgrade ends its session. */
+  private stillValid(principal: Principal): boolean {
+    try {
+      return this.catalog.stillValid(principal);
+    } catch (err) {
+      this.log.warn({ err: (err as Error).message }, 'could not check a session\'s credential; checking again at the next heartbeat');
+      return true;
+    }
+  }
+
   private beat(): void {
     for (const ws of this.wss.clients) {
       if (!this.alive.has(ws)) {
         ws.terminate();
+        continue;
+      }
+      const principal = this.principals.get(ws);
+      if (principal && !this.stillValid(principal)) {
+        this.log.warn({ role: principal.role, host: principal.role === 'agent' ? principal.host : undefined }, 'closing session: its credential was revoked');
+        ws.close(CLOSE_REVOKED, 'credential revoked');
         continue;
       }
       this.alive.delete(ws);
