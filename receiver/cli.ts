@@ -158,7 +158,8 @@ program.command('status')
       for (const h of status.hosts) {
         const last = h.lastPoint ? `last point ${h.lastPoint.id} at ${h.lastPoint.time} (lag ${Math.round(h.lagSeconds!)}s)` : 'no point yet';
         const agent = h.reportedAt ? ` [${h.tracker ?? 'no tracker'}, backlog ${formatBytes(h.backlogBytes ?? 0)}, ${formatBytes(h.bytesPerSecond ?? 0)}/s, reported ${h.reportedAt}]` : '';
-        process.stdout.write(`host ${h.name}: ${h.state}${h.reason ? ` (${h.reason})` : ''}${agent}, ${h.points} points, ${last}\n`);
+        const revoked = h.credentialRevokedAt ? `, credential revoked ${h.credentialRevokedAt} (token --host ${h.name} to enroll it again)` : '';
+        process.stdout.write(`host ${h.name}: ${h.state}${h.reason ? ` (${h.reason})` : ''}${agent}, ${h.points} points, ${last}${revoked}\n`);
         for (const d of h.disks) process.stdout.write(`  disk ${d.name}: ${formatBytes(d.sizeBytes)}, ${d.blockBytes / 1024} KiB blocks\n`);
       }
     } finally {

@@ -42,6 +42,7 @@ describe('revocation and re-enrollment', () => {
     assert.equal(revoked.host, 'web');
     const web = () => receiverJson(['status']).then((s) => s.hosts.find((h: any) => h.name === 'web'));
     assert.equal((await web()).credentialRevokedAt, revoked.revokedAt);
+    assert.match((await receiverCli(['status'])).stdout, /host web: .*credential revoked .*token --host web to enroll it again/);
 
     const refused = await runCli('agent', ['run', '--once', '--state', d.stateDir('web'), '--disk', image]);
     assert.equal(refused.code, 6, refused.stderr);
