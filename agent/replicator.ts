@@ -210,7 +210,7 @@ class TracefsReplicator {
       const blockCount = Math.ceil(info.sizeBytes / targets[i]!.blockBytes);
       const loaded = record ? DirtyMap.load(dirtyPath(state, record.diskId), blockCount) : null;
       return {
-        record: record ?? ({ path: info.path, diskId: -1, sizeBytes: info.sizeBytes, blockBytes: targets[i]!.blockBytes, hasBaseline: false, watermark: 0 } as DiskRecord),
+        record: record ?? { path: info.path, diskId: -1, sizeBytes: info.sizeBytes, blockBytes: targets[i]!.blockBytes, hasBaseline: false, baselinePointId: null, watermark: 0 },
         blockCount,
         pending: loaded ?? DirtyMap.empty(blockCount),
         reading: null,
@@ -325,7 +325,10 @@ class TracefsReplicator {
     if (this.conn?.isOpen) return this.conn;
     this.conn?.close();
     const conn = await openSession(this.opts.state, this.opts.keys, this.opts.bytesPerSecond);
-    for (const d of this.disks) await registerDisk(conn, this.opts.state, d.record.path, d.record.blockBytes);
+    for (const d of this.disks) {
+      const { stale } = await registerDisk(conn, this.opts.state, d.record.path, d.record.blockBytes, this.opts.log);
+      if (stale) this.needScan = "the receiver's newest point is not the one this agent last committed";
+    }
     this.conn = conn;
     return conn;
   }
@@ -341,6 +344,7 @@ class TracefsReplicator {
     const { state } = this.opts;
     const startedMs = Date.now();
     const conn = await this.session();
+    if (this.needScan) return; // the shipped hashes cannot be trusted: the next turn scans
     // After a restart mid-point the shipped hashes may lag the receiver: ship dirty blocks whatever their hash.
     const force = state.openPointId() !== null;
     const begun = await conn.request('point.begin', { resume: state.openPointId() });
@@ -376,7 +380,7 @@ class TracefsReplicator {
       pointId: begun.pointId, timeMs: cutMs, crashConsistent: consistent,
       disks: this.disks.map((d, i) => ({ diskId: d.record.diskId, changedBytes: changedBytes[i]! })),
     });
-    this.recordCommitted(shippedHashes);
+    this.recordCommitted(shippedHashes, begun.pointId);
     const backlogBytes = this.disks.reduce((sum, d) => sum + d.pending.count() * d.record.blockBytes, 0);
     state.saveStatus({
       state: 'Replicating', tracker: 'tracefs',
@@ -555,7 +559,7 @@ class TracefsReplicator {
   }
 
   /** After the commit reply: shipped hashes first, then the dirty maps forget what the point holds. */
-  private recordCommitted(shippedHashes: Array<Map<number, bigint>>): void {
+  private recordCommitted(shippedHashes: Array<Map<number, bigint>>, pointId: number): void {
     const { state } = this.opts;
     this.disks.forEach((d, i) => {
       const file = HashFile.open(state.hashPath(d.record.diskId, 'shipped'));
@@ -565,6 +569,8 @@ class TracefsReplicator {
       } finally {
         file.close();
       }
+      d.record = { ...d.record, baselinePointId: pointId };
+      state.saveDisk(d.record);
     });
     for (const d of this.disks) {
       d.unshipped = DirtyMap.empty(d.blockCount);

@@ -31,6 +31,8 @@ export interface DiskRecord {
   blockBytes: number;
   /** A committed point holds this disk and DIR/hashes/D.shipped describes it. */
   hasBaseline: boolean;
+  /** That point's id; null when unknown (recorded by agents before it was kept). */
+  baselinePointId: number | null;
   /** Blocks below this index are done for the open point (resume point of an interrupted sync). */
   watermark: number;
 }
@@ -53,7 +55,7 @@ const schema = `
 CREATE TABLE IF NOT EXISTS config (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS disk (
   path TEXT PRIMARY KEY, disk_id INTEGER NOT NULL, size_bytes INTEGER NOT NULL, block_bytes INTEGER NOT NULL,
-  has_baseline INTEGER NOT NULL DEFAULT 0, watermark INTEGER NOT NULL DEFAULT 0);
+  has_baseline INTEGER NOT NULL DEFAULT 0, watermark INTEGER NOT NULL DEFAULT 0, baseline_point INTEGER);
 `;
 
 export class AgentState {
@@ -65,6 +67,9 @@ export class AgentState {
     this.db.pragma('journal_mode = WAL');
     this.db.pragma('synchronous = FULL');
     this.db.exec(schema);
+    // Added within schema version 1: older agents leave it NULL (unknown), which they may still do.
+    const columns = (this.db.prepare(`PRAGMA table_info(disk)`).all() as Array<{ name: string }>).map((c) => c.name);
+    if (!columns.includes('baseline_point')) this.db.exec(`ALTER TABLE disk ADD COLUMN baseline_point INTEGER`);
     const version = this.get('schemaVersion');
     if (version === undefined) this.set({ schemaVersion: String(STATE_VERSION) });
     else if (version !== String(STATE_VERSION)) {
@@ -160,8 +165,8 @@ export class AgentState {
   }
 
   saveDisk(d: DiskRecord): void {
-    this.db.prepare(`INSERT OR REPLACE INTO disk (path, disk_id, size_bytes, block_bytes, has_baseline, watermark) VALUES (?, ?, ?, ?, ?, ?)`)
-      .run(d.path, d.diskId, d.sizeBytes, d.blockBytes, d.hasBaseline ? 1 : 0, d.watermark);
+    this.db.prepare(`INSERT OR REPLACE INTO disk (path, disk_id, size_bytes, block_bytes, has_baseline, watermark, baseline_point) VALUES (?, ?, ?, ?, ?, ?, ?)`)
+      .run(d.path, d.diskId, d.sizeBytes, d.blockBytes, d.hasBaseline ? 1 : 0, d.watermark, d.hasBaseline ? d.baselinePointId : null);
   }
 
   setWatermark(path: string, watermark: number): void {
@@ -233,6 +238,7 @@ function toDiskRecord(row: Record<string, number | string>): DiskRecord {
     sizeBytes: row.size_bytes as number,
     blockBytes: row.block_bytes as number,
     hasBaseline: row.has_baseline === 1,
+    baselinePointId: (row.baseline_point as number | null) ?? null,
     watermark: row.watermark as number,
   };
 }

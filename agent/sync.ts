@@ -125,10 +125,11 @@ async function syncAttempt(opts: SyncOptions, pool: BlockPool): Promise<SyncResu
   const conn = await openSession(state, opts.keys, opts.bytesPerSecond);
   try {
     state.saveStatus({ state: 'Scanning', reason: 'reading disk geometry' });
-    const registered = await Promise.all(opts.diskPaths.map((path) => registerDisk(conn, state, path, opts.blockBytes)));
-    const begun = await conn.request('point.begin', { resume: state.openPointId() });
+    const registered = await Promise.all(opts.diskPaths.map((path) => registerDisk(conn, state, path, opts.blockBytes, opts.log)));
+    const resume = state.openPointId();
+    const begun = await conn.request('point.begin', { resume });
     for (const { target, fill, resumable } of registered) {
-      if (begun.resumeCommitted && resumable) adoptCommittedPending(state, target.record);
+      if (begun.resumeCommitted && resumable) adoptCommittedPending(state, target.record, resume!);
       if (begun.resumed && resumable && existsSync(state.hashPath(target.record.diskId, 'pending'))) continue;
       target.record.watermark = 0;
       state.saveDisk(target.record);
@@ -178,7 +179,7 @@ async function syncAttempt(opts: SyncOptions, pool: BlockPool): Promise<SyncResu
     });
     for (const t of targets) {
       state.promotePending(t.record.diskId);
-      state.saveDisk({ ...t.record, hasBaseline: true, watermark: 0 });
+      state.saveDisk({ ...t.record, hasBaseline: true, baselinePointId: begun.pointId, watermark: 0 });
     }
     state.setOpenPointId(null);
     state.saveStatus({
@@ -199,31 +200,47 @@ async function syncAttempt(opts: SyncOptions, pool: BlockPool): Promise<SyncResu
 }
 
 /**
- * The point this agent was building was committed, but the agent stopped
- * before recording it: its pending hashes describe that point exactly.
+ * The point this agent was building (`pointId`) was committed, but the agent
+ * stopped before recording it: its pending hashes describe that point exactly.
  */
-function adoptCommittedPending(state: AgentState, record: DiskRecord): void {
+function adoptCommittedPending(state: AgentState, record: DiskRecord, pointId: number): void {
   if (!state.adoptPending(record.diskId)) return;
   record.hasBaseline = true;
+  record.baselinePointId = pointId;
   record.watermark = 0;
   state.saveDisk(record);
 }
 
-export async function registerDisk(conn: ReceiverConnection, state: AgentState, path: string, blockBytes: number) {
+/**
+ * Registers the disk and decides what its hashes can be trusted for. `stale`: the receiver's
+ * newest point of the disk is neither the one the shipped hashes describe nor the open point
+ * (whose pending hashes describe it): the state directory is older than the receiver (restored
+ * from a backup or a snapshot of the host) or another agent replicated as this host. Comparing
+ * with such hashes would leave blocks that are back to older content out of the next point,
+ * silently; so the hashes are dropped and every block is compared with the receiver by id.
+ */
+export async function registerDisk(conn: ReceiverConnection, state: AgentState, path: string, blockBytes: number, log?: Logger) {
   const info = await describeDisk(path, { measureData: false });
   const known = state.disk(path);
   const reg = await conn.request('disk.register', {
     name: path, sizeBytes: info.sizeBytes, sectorBytes: info.sectorBytes, blockBytes: known?.blockBytes ?? blockBytes,
   });
   const sameDisk = known !== undefined && known.diskId === reg.diskId && known.sizeBytes === info.sizeBytes;
-  if (known && !sameDisk) state.dropHashes(known.diskId);
-  const record: DiskRecord = sameDisk
+  const stale = sameDisk && known.hasBaseline && known.baselinePointId !== null && reg.lastPointId != null &&
+    reg.lastPointId !== known.baselinePointId && reg.lastPointId !== state.openPointId();
+  if (stale) {
+    log?.warn({ disk: path, receiverPoint: reg.lastPointId, statePoint: known.baselinePointId },
+      "the receiver's newest point of the disk is not the one this state last committed (state restored from a backup, or another agent ran as this host): comparing every block with the receiver");
+  }
+  if (known && (!sameDisk || stale)) state.dropHashes(known.diskId);
+  const record: DiskRecord = sameDisk && !stale
     ? known
-    : { path, diskId: reg.diskId, sizeBytes: info.sizeBytes, blockBytes: known?.blockBytes ?? blockBytes, hasBaseline: false, watermark: 0 };
+    : { path, diskId: reg.diskId, sizeBytes: info.sizeBytes, blockBytes: known?.blockBytes ?? blockBytes, hasBaseline: false, baselinePointId: null, watermark: 0 };
+  if (stale) state.saveDisk(record);
   const target: Target = { record, blockCount: Math.ceil(info.sizeBytes / record.blockBytes), changedBytes: 0 };
   // With no local baseline, the receiver's view is all zeros only if it has no history for the disk.
   const fill = reg.hasHistory ? UNKNOWN_HASH : zeroHash(record.blockBytes);
-  return { target, fill, resumable: sameDisk };
+  return { target, fill, resumable: sameDisk && !stale, stale };
 }
 
 /** Reads each target from `readPaths` (the disks themselves, or clones of them). */

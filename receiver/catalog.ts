@@ -267,20 +267,22 @@ export class Catalog {
 
   // --- disks and points ---------------------------------------------------
 
-  registerDisk(hostId: number, name: string, sizeBytes: number, sectorBytes: number, blockBytes: number): { diskId: number; hasHistory: boolean } {
+  registerDisk(hostId: number, name: string, sizeBytes: number, sectorBytes: number, blockBytes: number): { diskId: number; hasHistory: boolean; lastPointId: number | null } {
     return this.db.transaction(() => {
       const row = this.db.prepare(`SELECT id, block_bytes FROM disk WHERE host_id = ? AND name = ?`).get(hostId, name) as { id: number; block_bytes: number } | undefined;
       if (!row) {
         const diskId = Number(this.db.prepare(`INSERT INTO disk (host_id, name, size_bytes, sector_bytes, block_bytes) VALUES (?, ?, ?, ?, ?)`)
           .run(hostId, name, sizeBytes, sectorBytes, blockBytes).lastInsertRowid);
-        return { diskId, hasHistory: false };
+        return { diskId, hasHistory: false, lastPointId: null };
       }
       if (row.block_bytes !== blockBytes) {
         throw new TidemarkError('E_CONFLICT', `disk ${name} was first synced with ${row.block_bytes}-byte blocks; the block size is fixed per disk (drop --block-size)`);
       }
       this.db.prepare(`UPDATE disk SET size_bytes = ?, sector_bytes = ? WHERE id = ?`).run(sizeBytes, sectorBytes, row.id);
       const hasHistory = this.db.prepare(`SELECT 1 FROM block_version WHERE disk_id = ? LIMIT 1`).get(row.id) !== undefined;
-      return { diskId: row.id, hasHistory };
+      // point_disk holds committed points only.
+      const lastPointId = this.db.prepare(`SELECT MAX(point_id) FROM point_disk WHERE disk_id = ?`).pluck().get(row.id) as number | null;
+      return { diskId: row.id, hasHistory, lastPointId };
     }).immediate();
   }
 

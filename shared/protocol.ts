@@ -99,7 +99,12 @@ export const replySchemas = {
     /** Messages added to protocol v1 since release that this receiver handles (SPEC §2); absent from older receivers. */
     features: z.array(z.string().max(64)).max(64).optional(),
   }),
-  'disk.register': z.object({ diskId: uint, hasHistory: z.boolean() }),
+  'disk.register': z.object({
+    diskId: uint,
+    hasHistory: z.boolean(),
+    /** The newest committed point that covers the disk (null: none); absent from older receivers. */
+    lastPointId: uint.nullable().optional(),
+  }),
   'point.begin': z.object({
     pointId: uint,
     /** The open point named by `resume` was continued. */

@@ -9,7 +9,7 @@ import { tempDir } from '../harness.js';
 describe('hash files', () => {
   const dir = tempDir();
   after(() => rmSync(dir, { recursive: true, force: true }));
-  const disk: DiskRecord = { path: '/dev/x', diskId: 7, sizeBytes: 4 * 65536, blockBytes: 65536, hasBaseline: true, watermark: 0 };
+  const disk: DiskRecord = { path: '/dev/x', diskId: 7, sizeBytes: 4 * 65536, blockBytes: 65536, hasBaseline: true, baselinePointId: 3, watermark: 0 };
   const file = (name: string) => join(dir, 'hashes', name);
 
   it('a legacy pending file of a point committed behind the agent\'s back becomes the legacy baseline; the next commit removes both', () => {
