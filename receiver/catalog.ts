@@ -21,7 +21,7 @@ const schema = `
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS token (
   hash BLOB PRIMARY KEY, kind TEXT NOT NULL CHECK (kind IN ('enroll', 'restore')),
-  created_ms INTEGER NOT NULL, used_ms INTEGER, host_id INTEGER);
+  created_ms INTEGER NOT NULL, used_ms INTEGER, host_id INTEGER, expires_ms INTEGER);
 CREATE TABLE IF NOT EXISTS host (
   id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, vault_id TEXT NOT NULL,
   credential_hash BLOB NOT NULL UNIQUE, enrolled_ms INTEGER NOT NULL);
@@ -76,6 +76,8 @@ export interface TokenInfo {
   createdAt: string;
   /** When an enrollment token was used; null while unused (and for restore tokens). */
   usedAt: string | null;
+  /** When it stops working; null: never (until revoked). */
+  expiresAt: string | null;
   /** The host an enrollment token enrolled, or re-enrolls when used (token --host). */
   host: string | null;
 }
@@ -120,6 +122,7 @@ export class Catalog {
   static open(path: string): Catalog {
     const catalog = new Catalog(path);
     catalog.db.exec(schema);
+    catalog.addColumnIfMissing('token', 'expires_ms', 'INTEGER');
     const version = catalog.db.prepare(`SELECT value FROM meta WHERE key = 'catalog_version'`).pluck().get() as string | undefined;
     if (version === undefined) catalog.db.prepare(`INSERT INTO meta VALUES ('catalog_version', ?)`).run(String(CATALOG_VERSION));
     else if (version === '1') catalog.upgradeFromVersion1();
@@ -132,6 +135,12 @@ export class Catalog {
 
   close(): void {
     if (this.db.open) this.db.close();
+  }
+
+  /** Columns added within a catalog version: NULL in old rows, ignored by older receivers. */
+  private addColumnIfMissing(table: string, column: string, type: string): void {
+    const columns = (this.db.prepare(`PRAGMA table_info(${table})`).all() as Array<{ name: string }>).map((c) => c.name);
+    if (!columns.includes(column)) this.db.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${type}`);
   }
 
   /**
@@ -163,11 +172,15 @@ export class Catalog {
 
   // --- tokens and principals ---------------------------------------------
 
-  /** `reenrollHost`: an enrollment token that gives that existing host a new credential (its old one stops working). */
-  createToken(kind: 'enroll' | 'restore', reenrollHost: string | null = null): string {
+  /**
+   * `reenrollHost`: an enrollment token that gives that existing host a new credential (its old
+   * one stops working). `expiresMs`: when the token stops working (default: never, until revoked).
+   */
+  createToken(kind: 'enroll' | 'restore', options: { reenrollHost?: string; expiresMs?: number } = {}): string {
     const token = newSecret(kind === 'enroll' ? 'tmenroll' : 'tmrestore');
-    const hostId = reenrollHost === null ? null : this.hostIdOf(reenrollHost);
-    this.db.prepare(`INSERT INTO token (hash, kind, created_ms, host_id) VALUES (?, ?, ?, ?)`).run(hashSecret(token), kind, Date.now(), hostId);
+    const hostId = options.reenrollHost === undefined ? null : this.hostIdOf(options.reenrollHost);
+    this.db.prepare(`INSERT INTO token (hash, kind, created_ms, host_id, expires_ms) VALUES (?, ?, ?, ?, ?)`)
+      .run(hashSecret(token), kind, Date.now(), hostId, options.expiresMs ?? null);
     return token;
   }
 
@@ -179,12 +192,12 @@ export class Catalog {
 
   listTokens(): TokenInfo[] {
     const rows = this.db.prepare(`
-      SELECT t.hash, t.kind, t.created_ms AS createdMs, t.used_ms AS usedMs, h.name AS host
+      SELECT t.hash, t.kind, t.created_ms AS createdMs, t.used_ms AS usedMs, t.expires_ms AS expiresMs, h.name AS host
       FROM token t LEFT JOIN host h ON h.id = t.host_id ORDER BY t.created_ms, t.hash`).all() as
-      Array<{ hash: Buffer; kind: 'enroll' | 'restore'; createdMs: number; usedMs: number | null; host: string | null }>;
+      Array<{ hash: Buffer; kind: 'enroll' | 'restore'; createdMs: number; usedMs: number | null; expiresMs: number | null; host: string | null }>;
+    const time = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
     return rows.map((r) => ({
-      id: r.hash.toString('hex').slice(0, TOKEN_ID_HEX), kind: r.kind, createdAt: new Date(r.createdMs).toISOString(),
-      usedAt: r.usedMs === null ? null : new Date(r.usedMs).toISOString(), host: r.host,
+      id: r.hash.toString('hex').slice(0, TOKEN_ID_HEX), kind: r.kind, createdAt: time(r.createdMs)!, usedAt: time(r.usedMs), expiresAt: time(r.expiresMs), host: r.host,
     }));
   }
 
@@ -217,21 +230,22 @@ export class Catalog {
   /** Whether the secret a session authenticated with still names the same principal (not revoked, not replaced). */
   stillValid(p: Principal): boolean {
     if (p.role === 'agent') return this.db.prepare(`SELECT 1 FROM host WHERE id = ? AND credential_hash = ?`).get(p.hostId, p.secretHash) !== undefined;
-    if (p.role === 'restore') return this.db.prepare(`SELECT 1 FROM token WHERE hash = ? AND kind = 'restore'`).get(p.secretHash) !== undefined;
-    return this.db.prepare(`SELECT 1 FROM token WHERE hash = ? AND kind = 'enroll' AND used_ms IS NULL`).get(p.tokenHash) !== undefined;
+    return p.role === 'restore' ? this.validToken(p.secretHash, 'restore') : this.validToken(p.tokenHash, 'enroll');
   }
 
   /** The principal an Authorization header names, or undefined when it names nobody. */
   authenticate(scheme: 'Bearer' | 'Token', secret: string): Principal | undefined {
     const hash = hashSecret(secret);
-    if (scheme === 'Token') {
-      const row = this.db.prepare(`SELECT kind, used_ms FROM token WHERE hash = ?`).get(hash) as { kind: string; used_ms: number | null } | undefined;
-      return row && row.kind === 'enroll' && row.used_ms === null ? { role: 'enroll', tokenHash: hash } : undefined;
-    }
+    if (scheme === 'Token') return this.validToken(hash, 'enroll') ? { role: 'enroll', tokenHash: hash } : undefined;
     const host = this.db.prepare(`SELECT id, name, vault_id FROM host WHERE credential_hash = ?`).get(hash) as { id: number; name: string; vault_id: string } | undefined;
     if (host) return { role: 'agent', hostId: host.id, host: host.name, vaultId: host.vault_id, secretHash: hash };
-    const token = this.db.prepare(`SELECT kind FROM token WHERE hash = ? AND kind = 'restore'`).get(hash);
-    return token ? { role: 'restore', secretHash: hash } : undefined;
+    return this.validToken(hash, 'restore') ? { role: 'restore', secretHash: hash } : undefined;
+  }
+
+  /** A token of that kind that works now: not expired, and for enrollment, unused. */
+  private validToken(hash: Buffer, kind: 'enroll' | 'restore'): boolean {
+    return this.db.prepare(`SELECT 1 FROM token WHERE hash = ? AND kind = ? AND (kind = 'restore' OR used_ms IS NULL) AND (expires_ms IS NULL OR expires_ms > ?)`)
+      .get(hash, kind, Date.now()) !== undefined;
   }
 
   /**
@@ -241,8 +255,8 @@ export class Catalog {
    */
   enrollHost(tokenHash: Buffer, name: string, vaultId: string): { hostId: number; credential: string } {
     return this.db.transaction(() => {
-      const token = this.db.prepare(`SELECT host_id AS hostId FROM token WHERE hash = ? AND kind = 'enroll' AND used_ms IS NULL`).get(tokenHash) as { hostId: number | null } | undefined;
-      if (!token) throw new TidemarkError('E_AUTH', 'enrollment token already used or revoked; create a new one with tidemark-receiver token');
+      const token = this.validToken(tokenHash, 'enroll') ? this.db.prepare(`SELECT host_id AS hostId FROM token WHERE hash = ?`).get(tokenHash) as { hostId: number | null } : undefined;
+      if (!token) throw new TidemarkError('E_AUTH', 'enrollment token already used, expired or revoked; create a new one with tidemark-receiver token');
       const credential = newSecret('tmhost');
       const nowMs = Date.now();
       let hostId: number;

@@ -55,16 +55,20 @@ program.command('token')
   .addOption(dataOption())
   .addOption(new Option('--restore', 'a reusable read-only token for tidemark-restore').conflicts('host'))
   .option('--host <name>', 'an enrollment token that gives this enrolled host a new credential (same name and key file; its points carry on)')
-  .addOption(new Option('--list', 'list the tokens (ids, kinds, use), never their secrets').conflicts(['restore', 'host']))
+  .option('--expires <duration>', 'the token stops working this long from now, e.g. 24h or 7d (default: never, until revoked)')
+  .addOption(new Option('--list', 'list the tokens (ids, kinds, use, expiry), never their secrets').conflicts(['restore', 'host', 'expires']))
   .option('--json', 'print one JSON document')
-  .action((opts: { data: string; restore?: boolean; host?: string; list?: boolean; json?: boolean }) => {
+  .action((opts: { data: string; restore?: boolean; host?: string; expires?: string; list?: boolean; json?: boolean }) => {
+    const validForMs = opts.expires === undefined ? undefined : parseDurationMs(opts.expires);
+    if (validForMs !== undefined && validForMs <= 0) throw new TidemarkError('E_USAGE', `--expires ${opts.expires}: give a duration longer than zero, e.g. 24h`);
+    const expiresMs = validForMs === undefined ? undefined : Date.now() + validForMs;
     const dir = openDataDir(opts.data);
     const catalog = Catalog.open(dir.catalogPath);
     try {
       if (opts.list) return printTokens(catalog.listTokens(), opts.json === true);
       const kind = opts.restore ? 'restore' : 'enroll';
-      const token = catalog.createToken(kind, opts.host ?? null);
-      if (opts.json) return printJson({ token, kind, host: opts.host ?? null });
+      const token = catalog.createToken(kind, { reenrollHost: opts.host, expiresMs });
+      if (opts.json) return printJson({ token, kind, host: opts.host ?? null, expiresAt: expiresMs === undefined ? null : new Date(expiresMs).toISOString() });
       process.stdout.write(`${token}\n`);
     } finally {
       catalog.close();
@@ -75,7 +79,8 @@ function printTokens(tokens: TokenInfo[], json: boolean): void {
   if (json) return printJson({ tokens });
   for (const t of tokens) {
     const use = t.kind === 'restore' ? 'reusable' : t.usedAt ? `used ${t.usedAt}${t.host ? ` by host ${t.host}` : ''}` : t.host ? `unused, re-enrolls host ${t.host}` : 'unused';
-    process.stdout.write(`${t.id}  ${t.kind.padEnd(7)}  created ${t.createdAt}  ${use}\n`);
+    const expiry = t.expiresAt === null ? '' : `  ${Date.parse(t.expiresAt) > Date.now() ? 'expires' : 'expired'} ${t.expiresAt}`;
+    process.stdout.write(`${t.id}  ${t.kind.padEnd(7)}  created ${t.createdAt}  ${use}${expiry}\n`);
   }
   if (tokens.length === 0) process.stdout.write('no tokens\n');
 }

@@ -172,7 +172,7 @@ export class ReceiverServer {
     const principal = this.authenticate(path, req.headers.authorization);
     if (!principal) {
       const message = path === ENROLL_PATH
-        ? 'enrollment token unknown or already used; create a new one with tidemark-receiver token'
+        ? 'enrollment token unknown or already used (or expired, or revoked); create a new one with tidemark-receiver token'
         : 'credential not recognized by this receiver (revoked, or made by another receiver): re-enroll the host with a token from tidemark-receiver token --host NAME, or use a valid restore token';
       this.log.warn({ path, remote: req.socket.remoteAddress }, 'authentication refused');
       return refuse(socket, 401, message);

@@ -115,6 +115,27 @@ describe('revocation and re-enrollment', () => {
     }
   });
 
+  it('a token made with --expires works until then, and is refused after', { timeout: 60_000 }, async () => {
+    const restore = await receiverJson(['token', '--restore', '--expires', '3s']);
+    const enrollment = await receiverJson(['token', '--expires', '3s']);
+    for (const t of [restore, enrollment]) assert.ok(Math.abs(Date.parse(t.expiresAt) - Date.now() - 3000) < 2000, `expiresAt ${t.expiresAt}`);
+    const points = () => runCli('restore', ['points', ...d.restoreArgs('web'), '--json'], { TIDEMARK_TOKEN: restore.token });
+    const before = await points();
+    assert.equal(before.code, 0, before.stderr);
+
+    await new Promise((r) => setTimeout(r, Math.max(0, Date.parse(restore.expiresAt) - Date.now()) + 500));
+    const after = await points();
+    assert.equal(after.code, 6, after.stderr);
+    assert.match(oneLine(after.stderr), /credential not recognized/);
+    const enroll = await runCli('agent', ['enroll', '--state', join(d.root, 'state-late'), '--receiver', d.receiver.url,
+      '--fingerprint', d.receiver.fingerprint, '--key-file', d.keyFile, '--host', 'late'], { TIDEMARK_TOKEN: enrollment.token });
+    assert.equal(enroll.code, 6, enroll.stderr);
+    assert.match(oneLine(enroll.stderr), /enrollment token unknown or already used \(or expired/);
+    const listed = (await receiverJson<{ tokens: any[] }>(['token', '--list'])).tokens.find((t) => t.id === tokenId(enrollment.token));
+    assert.deepEqual([listed.expiresAt, listed.usedAt], [enrollment.expiresAt, null]);
+    assert.match((await receiverCli(['token', '--list'])).stdout, new RegExp(`${tokenId(enrollment.token)} .*unused  expired ${enrollment.expiresAt}`));
+  });
+
   it('says what is wrong with a revocation or token request', async () => {
     const cases: Array<[string[], number, RegExp]> = [
       [['revoke'], 2, /say what to revoke: --host NAME or --token ID/],
@@ -123,6 +144,8 @@ describe('revocation and re-enrollment', () => {
       [['revoke', '--host', 'nobody'], 9, /no host named "nobody" is enrolled/],
       [['token', '--host', 'nobody'], 9, /no host named "nobody" is enrolled/],
       [['token', '--restore', '--host', 'web'], 2, /cannot be used with/],
+      [['token', '--expires', '0s'], 2, /--expires 0s: give a duration longer than zero/],
+      [['token', '--expires', 'soon'], 2, /invalid duration "soon"/],
     ];
     for (const [args, code, message] of cases) {
       const r = await receiverCli(args);
