@@ -214,7 +214,7 @@ export class Catalog {
 
   /**
    * The host's credential stops working: new connections are refused, open sessions are closed at the
-   * receiver's next heartbeat. Its points stay (restore tokens read them); \`token --host\` lets it enroll again.
+   * receiver's next heartbeat. Its points stay (restore tokens read them); `token --host` lets it enroll again.
    */
   revokeHost(name: string): { host: string; revokedAt: string } {
     return this.db.transaction(() => {
@@ -227,7 +227,7 @@ export class Catalog {
     }).immediate();
   }
 
-  /** Whether the secret a session authenticated with still names the same principal (not revoked, not replaced). */
+  /** Whether the secret a session authenticated with still names the same principal (not revoked, replaced or expired). */
   stillValid(p: Principal): boolean {
     if (p.role === 'agent') return this.db.prepare(`SELECT 1 FROM host WHERE id = ? AND credential_hash = ?`).get(p.hostId, p.secretHash) !== undefined;
     return p.role === 'restore' ? this.validToken(p.secretHash, 'restore') : this.validToken(p.tokenHash, 'enroll');
@@ -255,8 +255,8 @@ export class Catalog {
    */
   enrollHost(tokenHash: Buffer, name: string, vaultId: string): { hostId: number; credential: string } {
     return this.db.transaction(() => {
-      const token = this.validToken(tokenHash, 'enroll') ? this.db.prepare(`SELECT host_id AS hostId FROM token WHERE hash = ?`).get(tokenHash) as { hostId: number | null } : undefined;
-      if (!token) throw new TidemarkError('E_AUTH', 'enrollment token already used, expired or revoked; create a new one with tidemark-receiver token');
+      if (!this.validToken(tokenHash, 'enroll')) throw new TidemarkError('E_AUTH', 'enrollment token already used, expired or revoked; create a new one with tidemark-receiver token');
+      const token = this.db.prepare(`SELECT host_id AS hostId FROM token WHERE hash = ?`).get(tokenHash) as { hostId: number | null };
       const credential = newSecret('tmhost');
       const nowMs = Date.now();
       let hostId: number;
