@@ -18,7 +18,7 @@ import { LocalPackStore } from './pack-store.js';
 import { Session } from './session.js';
 
 const HEARTBEAT_MS = 15_000;
-/** WebSocket close code (application range) for a session whose credential was revoked. */
+/** WebSocket close code (application range) for a session whose credential was revoked or expired. */
 const CLOSE_REVOKED = 4401;
 /** The receiver CLI (receiver/cli.ts, compiled beside this module): scheduled prunes run its `prune`. */
 const RECEIVER_CLI = fileURLToPath(new URL('./cli.js', import.meta.url));
@@ -173,7 +173,7 @@ export class ReceiverServer {
     if (!principal) {
       const message = path === ENROLL_PATH
         ? 'enrollment token unknown or already used (or expired, or revoked); create a new one with tidemark-receiver token'
-        : 'credential not recognized by this receiver (revoked, or made by another receiver): re-enroll the host with a token from tidemark-receiver token --host NAME, or use a valid restore token';
+        : 'credential not recognized by this receiver (revoked, expired, or made by another receiver): re-enroll the host with a token from tidemark-receiver token --host NAME, or use a valid restore token';
       this.log.warn({ path, remote: req.socket.remoteAddress }, 'authentication refused');
       return refuse(socket, 401, message);
     }
@@ -195,7 +195,7 @@ export class ReceiverServer {
     return this.catalog.authenticate(scheme, match[2]!);
   }
 
-  /** Also where revocation reaches open sessions: a secret revoked since the upgrade ends its session. */
+  /** A catalog that cannot be read now closes no session: the next heartbeat checks again. */
   private stillValid(principal: Principal): boolean {
     try {
       return this.catalog.stillValid(principal);
@@ -205,6 +205,7 @@ export class ReceiverServer {
     }
   }
 
+  /** Pings every session, ends those that did not answer the last ping, and those whose secret was revoked or expired since. */
   private beat(): void {
     for (const ws of this.wss.clients) {
       if (!this.alive.has(ws)) {
@@ -213,8 +214,8 @@ export class ReceiverServer {
       }
       const principal = this.principals.get(ws);
       if (principal && !this.stillValid(principal)) {
-        this.log.warn({ role: principal.role, host: principal.role === 'agent' ? principal.host : undefined }, 'closing session: its credential was revoked');
-        ws.close(CLOSE_REVOKED, 'credential revoked');
+        this.log.warn({ role: principal.role, host: principal.role === 'agent' ? principal.host : undefined }, 'closing session: its credential was revoked or expired');
+        ws.close(CLOSE_REVOKED, 'credential revoked or expired');
         continue;
       }
       this.alive.delete(ws);
