@@ -15,6 +15,7 @@ import { join } from 'node:path';
 import { TidemarkError } from '../shared/errors.js';
 import { fsyncDir, writeFileDurable } from '../shared/fs-util.js';
 import type { HostState } from '../shared/protocol.js';
+import { addColumnIfMissing } from '../shared/sqlite-schema.js';
 
 export interface Enrollment {
   receiverUrl: string;
@@ -68,8 +69,7 @@ export class AgentState {
     this.db.pragma('synchronous = FULL');
     this.db.exec(schema);
     // Added within schema version 1: older agents leave it NULL (unknown), which they may still do.
-    const columns = (this.db.prepare(`PRAGMA table_info(disk)`).all() as Array<{ name: string }>).map((c) => c.name);
-    if (!columns.includes('baseline_point')) this.db.exec(`ALTER TABLE disk ADD COLUMN baseline_point INTEGER`);
+    addColumnIfMissing(this.db, 'disk', 'baseline_point', 'INTEGER');
     const version = this.get('schemaVersion');
     if (version === undefined) this.set({ schemaVersion: String(STATE_VERSION) });
     else if (version !== String(STATE_VERSION)) {

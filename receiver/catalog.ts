@@ -5,6 +5,7 @@ import Database, { type Statement } from 'better-sqlite3';
 import { createHash, randomBytes } from 'node:crypto';
 import { TidemarkError } from '../shared/errors.js';
 import type { HostState, PointInfo } from '../shared/protocol.js';
+import { addColumnIfMissing } from '../shared/sqlite-schema.js';
 
 export const CATALOG_VERSION = 2;
 
@@ -122,7 +123,7 @@ export class Catalog {
   static open(path: string): Catalog {
     const catalog = new Catalog(path);
     catalog.db.exec(schema);
-    catalog.addColumnIfMissing('token', 'expires_ms', 'INTEGER');
+    addColumnIfMissing(catalog.db, 'token', 'expires_ms', 'INTEGER');
     const version = catalog.db.prepare(`SELECT value FROM meta WHERE key = 'catalog_version'`).pluck().get() as string | undefined;
     if (version === undefined) catalog.db.prepare(`INSERT INTO meta VALUES ('catalog_version', ?)`).run(String(CATALOG_VERSION));
     else if (version === '1') catalog.upgradeFromVersion1();
@@ -135,12 +136,6 @@ export class Catalog {
 
   close(): void {
     if (this.db.open) this.db.close();
-  }
-
-  /** Columns added within a catalog version: NULL in old rows, ignored by older receivers. */
-  private addColumnIfMissing(table: string, column: string, type: string): void {
-    const columns = (this.db.prepare(`PRAGMA table_info(${table})`).all() as Array<{ name: string }>).map((c) => c.name);
-    if (!columns.includes(column)) this.db.exec(`ALTER TABLE ${table} ADD COLUMN ${column} ${type}`);
   }
 
   /**
