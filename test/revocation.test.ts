@@ -127,10 +127,9 @@ describe('revocation and re-enrollment', () => {
     const after = await points();
     assert.equal(after.code, 6, after.stderr);
     assert.match(oneLine(after.stderr), /credential not recognized/);
-    const enroll = await runCli('agent', ['enroll', '--state', join(d.root, 'state-late'), '--receiver', d.receiver.url,
-      '--fingerprint', d.receiver.fingerprint, '--key-file', d.keyFile, '--host', 'late'], { TIDEMARK_TOKEN: enrollment.token });
-    assert.equal(enroll.code, 6, enroll.stderr);
-    assert.match(oneLine(enroll.stderr), /enrollment token unknown or already used \(or expired/);
+    const late = await enroll(join(d.root, 'state-late'), 'late', enrollment.token);
+    assert.equal(late.code, 6, late.stderr);
+    assert.match(oneLine(late.stderr), /enrollment token unknown or already used \(or expired/);
     const listed = (await receiverJson<{ tokens: any[] }>(['token', '--list'])).tokens.find((t) => t.id === tokenId(enrollment.token));
     assert.deepEqual([listed.expiresAt, listed.usedAt], [enrollment.expiresAt, null]);
     assert.match((await receiverCli(['token', '--list'])).stdout, new RegExp(`${tokenId(enrollment.token)} .*unused  expired ${enrollment.expiresAt}`));
