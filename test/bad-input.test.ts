@@ -104,8 +104,7 @@ describe('bad input', () => {
   });
 
   it('unknown and reused enrollment tokens: exit 6', async () => {
-    const enroll = (host: string, token: string) => runCli('agent', ['enroll', '--state', join(d.root, `state-${host}`), '--receiver', d.receiver.url,
-      '--fingerprint', d.receiver.fingerprint, '--key-file', d.keyFile, '--host', host], { TIDEMARK_TOKEN: token });
+    const enroll = (host: string, token: string) => runCli('agent', d.enrollArgs(join(d.root, `state-${host}`), host), { TIDEMARK_TOKEN: token });
     const unknown = await enroll('eps', 'tmenroll_thisTokenWasNeverIssued');
     assert.equal(unknown.code, 6);
     assert.match(oneLine(unknown.stderr), /enrollment token unknown or already used/);

@@ -157,10 +157,14 @@ export class Deployment {
     return join(this.root, `agent-${host}`);
   }
 
+  /** `tidemark-agent enroll` arguments for this deployment; `url`: another server to offer them to. */
+  enrollArgs(stateDir: string, host: string, keyFile = this.keyFile, url = this.receiver.url): string[] {
+    return ['enroll', '--state', stateDir, '--receiver', url, '--fingerprint', this.receiver.fingerprint, '--key-file', keyFile, '--host', host];
+  }
+
   async enroll(host: string, keyFile = this.keyFile, agentRoot = REPO_ROOT): Promise<string> {
     const token = await this.receiver.token();
-    const result = await runCli('agent', ['enroll', '--state', this.stateDir(host), '--receiver', this.receiver.url,
-      '--fingerprint', this.receiver.fingerprint, '--key-file', keyFile, '--host', host], { TIDEMARK_TOKEN: token }, agentRoot);
+    const result = await runCli('agent', this.enrollArgs(this.stateDir(host), host, keyFile), { TIDEMARK_TOKEN: token }, agentRoot);
     if (result.code !== 0) throw new Error(`enroll failed (${result.code}): ${result.stderr}`);
     return this.stateDir(host);
   }

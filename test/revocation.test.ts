@@ -19,8 +19,7 @@ describe('revocation and re-enrollment', () => {
   let d: Deployment;
   const receiverCli = (args: string[]) => runCli('receiver', [...args, '--data', d.receiver.dataDir]);
   const receiverJson = <T = any>(args: string[]) => runJson<T>('receiver', [...args, '--data', d.receiver.dataDir]);
-  const enroll = (stateDir: string, host: string, token: string) => runCli('agent', ['enroll', '--state', stateDir, '--receiver', d.receiver.url,
-    '--fingerprint', d.receiver.fingerprint, '--key-file', d.keyFile, '--host', host], { TIDEMARK_TOKEN: token });
+  const enroll = (stateDir: string, host: string, token: string) => runCli('agent', d.enrollArgs(stateDir, host), { TIDEMARK_TOKEN: token });
   const tokenId = (token: string) => createHash('sha256').update(token).digest('hex').slice(0, 16);
 
   before(async () => {

@@ -95,8 +95,7 @@ describe('TLS pinning before credentials', () => {
 
   it('enroll sends no enrollment token to a server with another certificate', async () => {
     const token = await d.receiver.token();
-    await expectRefused('enroll', () => collect(spawnCli('agent', ['enroll', '--state', join(d.root, 'state-impostor'), '--receiver', impostor.url,
-      '--fingerprint', d.receiver.fingerprint, '--key-file', d.keyFile, '--host', 'impostor-victim'], { TIDEMARK_TOKEN: token })));
+    await expectRefused('enroll', () => collect(spawnCli('agent', d.enrollArgs(join(d.root, 'state-impostor'), 'impostor-victim', d.keyFile, impostor.url), { TIDEMARK_TOKEN: token })));
   });
 
   it('run --once sends no host credential', async () => {
