@@ -466,33 +466,42 @@ export class Catalog {
     return this.db.prepare(`SELECT id, name FROM host ORDER BY name`).all() as Array<{ id: number; name: string }>;
   }
 
-  committedPoints(hostId: number): Array<{ id: number; committedMs: number; timeMs: number }> {
-    return this.db.prepare(`SELECT id, committed_ms AS committedMs, time_ms AS timeMs FROM point WHERE host_id = ? AND state = 'committed' ORDER BY id`)
-      .all(hostId) as Array<{ id: number; committedMs: number; timeMs: number }>;
+  /** A host's committed points, oldest first, with the disks each lists. */
+  committedPoints(hostId: number): Array<{ id: number; committedMs: number; timeMs: number; diskIds: number[] }> {
+    const rows = this.db.prepare(`
+      SELECT p.id, p.committed_ms AS committedMs, p.time_ms AS timeMs, json_group_array(pd.disk_id) FILTER (WHERE pd.disk_id IS NOT NULL) AS diskIds
+      FROM point p LEFT JOIN point_disk pd ON pd.point_id = p.id
+      WHERE p.host_id = ? AND p.state = 'committed' GROUP BY p.id ORDER BY p.id`)
+      .all(hostId) as Array<{ id: number; committedMs: number; timeMs: number; diskIds: string }>;
+    return rows.map((r) => ({ ...r, diskIds: JSON.parse(r.diskIds) as number[] }));
   }
 
   /**
-   * Deletes point P, folding the block versions that kept point K (the next
-   * kept point after P) still needs into K. A version of P is still needed when
-   * no point in (P, K] has a newer version of that block. One transaction: a
-   * crash leaves either P whole or P gone and K complete.
+   * Deletes point P, folding into each disk's kept point K (`into`: disk id →
+   * K, the next kept point after P that lists the disk) the versions of that
+   * disk K still needs: those with no newer version in (P, K]. Versions of a
+   * disk `into` does not name go. One transaction: a crash leaves either P
+   * whole or P gone and every K complete.
    */
-  foldPoint(pointId: number, intoPointId: number): { foldedBlocks: number } {
+  foldPoint(pointId: number, into: ReadonlyMap<number, number>): { foldedBlocks: number } {
     return this.db.transaction(() => {
-      this.db.prepare(`
-        DELETE FROM block_version WHERE point_id = :p AND (
-          disk_id NOT IN (SELECT disk_id FROM point_disk WHERE point_id = :k)
-          OR EXISTS (SELECT 1 FROM block_version newer WHERE newer.disk_id = block_version.disk_id
-                     AND newer.block_index = block_version.block_index AND newer.point_id > :p AND newer.point_id <= :k))`)
-        .run({ p: pointId, k: intoPointId });
-      const folded = this.db.prepare(`UPDATE block_version SET point_id = ? WHERE point_id = ?`).run(intoPointId, pointId).changes;
-      // K now carries the changes since the point before P: its counters say so.
-      this.db.prepare(`
-        UPDATE point_disk SET changed_blocks = (SELECT COUNT(*) FROM block_version bv WHERE bv.point_id = point_disk.point_id AND bv.disk_id = point_disk.disk_id)
-        WHERE point_id = ?`).run(intoPointId);
-      this.db.prepare(`
-        UPDATE point_disk SET changed_bytes = MIN(size_bytes, changed_blocks * (SELECT block_bytes FROM disk WHERE disk.id = point_disk.disk_id))
-        WHERE point_id = ?`).run(intoPointId);
+      const dropSuperseded = this.db.prepare(`
+        DELETE FROM block_version WHERE point_id = :p AND disk_id = :d
+          AND EXISTS (SELECT 1 FROM block_version newer WHERE newer.disk_id = :d
+                      AND newer.block_index = block_version.block_index AND newer.point_id > :p AND newer.point_id <= :k)`);
+      const move = this.db.prepare(`UPDATE block_version SET point_id = :k WHERE point_id = :p AND disk_id = :d`);
+      // K now carries the changes since the disk's point before P: its counters say so.
+      const recount = this.db.prepare(`
+        UPDATE point_disk SET changed_blocks = (SELECT COUNT(*) FROM block_version bv WHERE bv.point_id = :k AND bv.disk_id = :d),
+          changed_bytes = MIN(size_bytes, (SELECT COUNT(*) FROM block_version bv WHERE bv.point_id = :k AND bv.disk_id = :d) * (SELECT block_bytes FROM disk WHERE id = :d))
+        WHERE point_id = :k AND disk_id = :d`);
+      let folded = 0;
+      for (const [d, k] of into) {
+        dropSuperseded.run({ p: pointId, d, k });
+        folded += move.run({ p: pointId, d, k }).changes;
+        recount.run({ d, k });
+      }
+      this.db.prepare(`DELETE FROM block_version WHERE point_id = ?`).run(pointId);
       this.db.prepare(`DELETE FROM point_disk WHERE point_id = ?`).run(pointId);
       this.db.prepare(`DELETE FROM point WHERE id = ? AND state = 'committed'`).run(pointId);
       return { foldedBlocks: folded };

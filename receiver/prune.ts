@@ -61,10 +61,11 @@ export function prune(catalog: Catalog, packDir: string, opts: PruneOptions): Pr
         kept: [...decision.keep].map(([id, reasons]) => ({ id, committedAt: at(id), reasons })).sort((a, b) => a.id - b.id),
         dropped: decision.drop.map((id) => ({ id, committedAt: at(id) })),
       });
-      for (const pointId of decision.drop) {
-        // The next kept point by id: the newest point is always kept, so one exists.
-        const into = points.find((p) => p.id > pointId && decision.keep.has(p.id))!.id;
-        if (foldIfStillCommitted(catalog, pointId, into)) report.pointsDropped++;
+      for (const dropped of decision.drop) {
+        const point = points.find((p) => p.id === dropped)!;
+        // Per disk, the next kept point that lists it: the last point of each disk is kept, so one exists.
+        const into = new Map(point.diskIds.map((d) => [d, points.find((p) => p.id > dropped && decision.keep.has(p.id) && p.diskIds.includes(d))!.id]));
+        if (foldIfStillCommitted(catalog, dropped, into)) report.pointsDropped++;
       }
     }
     const freed = catalog.deleteUnreferencedChunks();
@@ -83,14 +84,15 @@ export function prune(catalog: Catalog, packDir: string, opts: PruneOptions): Pr
 }
 
 /**
- * Folds P into K unless another prune (serve's schedule beside one run by hand, with
+ * Folds P into its kept points unless another prune (serve's schedule beside one run by hand, with
  * another policy or --now) has dropped either since this one decided: folding into a
  * vanished K would delete P's versions that K's own successor still needs.
  */
-function foldIfStillCommitted(catalog: Catalog, pointId: number, into: number): boolean {
-  const committed = catalog.db.prepare(`SELECT COUNT(*) FROM point WHERE id IN (?, ?) AND state = 'committed'`).pluck();
+function foldIfStillCommitted(catalog: Catalog, pointId: number, into: ReadonlyMap<number, number>): boolean {
+  const committed = catalog.db.prepare(`SELECT COUNT(*) FROM point WHERE id = ? AND state = 'committed'`).pluck();
   return catalog.db.transaction(() => {
-    if (committed.get(pointId, into) !== 2) return false; // decided again at the next prune
+    // Decided again at the next prune.
+    if (![pointId, ...into.values()].every((id) => committed.get(id) === 1)) return false;
     catalog.foldPoint(pointId, into);
     return true;
   }).immediate();

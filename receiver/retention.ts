@@ -3,8 +3,13 @@
 // Evaluated on the receiver's clock (the commit time it recorded), never on
 // the agent's: an agent cannot age points out or make bogus ones look old.
 // Bucket rules work like restic's: `hourly N` keeps the newest point in each
-// of the N most recent hours that have points, and so on. The newest point
-// is always kept.
+// of the N most recent hours that have points, and so on.
+//
+// Whatever the policy, the host's last point and the last point of each of
+// its disks are kept: the latter is what the agent's next point builds on, and what
+// a dropped point's versions of that disk fold into (receiver/prune.ts).
+// "Last" is by id, the commit order, not by commit time, which moves back
+// when the receiver's clock is stepped back.
 import { z } from 'zod';
 import { parseDurationMs } from '../shared/units.js';
 
@@ -21,6 +26,8 @@ export interface RetainedPoint {
   id: number;
   /** Receiver's commit time. */
   committedMs: number;
+  /** The disks the point lists (point_disk). */
+  diskIds: number[];
 }
 
 export interface KeepDecision {
@@ -44,7 +51,11 @@ export function decideRetention(points: RetainedPoint[], policy: RetentionPolicy
   const newestFirst = [...points].sort((a, b) => b.committedMs - a.committedMs || b.id - a.id);
   const keep = new Map<number, string[]>();
   const mark = (id: number, reason: string) => keep.set(id, [...(keep.get(id) ?? []), reason]);
-  if (newestFirst[0]) mark(newestFirst[0].id, 'newest');
+  const newest = points.reduce((max, p) => Math.max(max, p.id), 0);
+  if (points.length > 0) mark(newest, 'newest');
+  const lastOfDisk = new Map<number, number>();
+  for (const p of points) for (const disk of p.diskIds) lastOfDisk.set(disk, Math.max(p.id, lastOfDisk.get(disk) ?? 0));
+  for (const id of new Set(lastOfDisk.values())) if (id !== newest) mark(id, 'last of a disk');
   for (const p of newestFirst) if (nowMs - p.committedMs < policy.keepWithinMs) mark(p.id, 'within');
   for (const [rule, count] of [['hourly', policy.keepHourly], ['daily', policy.keepDaily], ['weekly', policy.keepWeekly]] as const) {
     let lastBucket: number | null = null;

@@ -82,6 +82,46 @@ describe('prune', () => {
     assert.equal(again.chunksFreed, 0);
   });
 
+  // A point lists the disks of its cycle (run --disk a, later --disk b): the point a dropped
+  // point folds into may not list all of its disks. And the receiver's clock may step back,
+  // so that the last point committed is not the newest by time.
+  it('keeps every disk\'s history whichever disks the kept points list, and survives a clock stepped back', async () => {
+    await d.enroll('nu');
+    const [a, b] = [join(d.root, 'nu-a.img'), join(d.root, 'nu-b.img')];
+    await writeMixedImage(a, 4 * MiB, 41);
+    await writeMixedImage(b, 4 * MiB, 42);
+    const images = new Map<string, string>(); // "point:disk" → a copy of the disk at that point
+    const sync = async (disks: string[], seed: number) => {
+      for (const disk of disks) await changeBlocks(disk, 64 * 1024, 3, seed);
+      const { pointId } = await d.syncOnce('nu', disks);
+      for (const disk of disks) {
+        copyFileSync(disk, `${disk}-${pointId}`);
+        images.set(`${pointId}:${disk}`, `${disk}-${pointId}`);
+      }
+      return pointId as number;
+    };
+    const p1 = await sync([a, b], 1);
+    const p2 = await sync([a], 2);
+    const p3 = await sync([b], 3);
+    const p4 = await sync([a], 4);
+    const p5 = await sync([a], 5);
+    // Ages: p5 was committed last, after the receiver's clock was stepped back by two days.
+    const db = new Database(join(d.receiver.dataDir, 'catalog.db'));
+    for (const [id, age] of [[p1, 72], [p2, 49], [p3, 48], [p4, 0], [p5, 50]] as const) db.prepare('UPDATE point SET committed_ms = ? WHERE id = ?').run(NOW - age * HOUR, id);
+    db.close();
+
+    const report = await runJson('receiver', ['prune', '--data', d.receiver.dataDir, ...policy]);
+    const host = report.hosts.find((h: any) => h.host === 'nu');
+    assert.deepEqual(host.dropped.map((p: any) => p.id), [p1, p2]);
+    assert.deepEqual(host.kept.map((p: any) => [p.id, p.reasons]), [[p3, ['last of a disk', 'daily']], [p4, ['within', 'daily']], [p5, ['newest']]]);
+    // p1's versions of b went to p3, of a to p4 (p3 lists only b): both disks restore whole.
+    for (const [id, disk] of [[p3, b], [p4, a], [p5, a]] as const) {
+      await assertRestores(d, 'nu', disk, { id, image: images.get(`${id}:${disk}`)! });
+    }
+    const verify = await runJson('receiver', ['verify', '--data', d.receiver.dataDir]);
+    assert.equal(verify.ok, true, JSON.stringify(verify.damaged));
+  });
+
   it('skips a pack that another prune compacted since it looked (serve\'s schedule beside a prune by hand)', async () => {
     await d.enroll('lambda');
     const { disk, points } = await makeHistory(d, 'lambda', [72 * HOUR, 49 * HOUR, 48 * HOUR, HOUR / 2, 0]);

@@ -7,7 +7,7 @@ const MIN = 60_000;
 
 /** A point every 10 minutes for 10 days, newest at NOW; point k is k*10 minutes old. */
 function history(): RetainedPoint[] {
-  return Array.from({ length: 1440 }, (_, k) => ({ id: 1440 - k, committedMs: NOW - k * 10 * MIN }));
+  return Array.from({ length: 1440 }, (_, k) => ({ id: 1440 - k, committedMs: NOW - k * 10 * MIN, diskIds: [1] }));
 }
 const idOfAge = (k: number) => 1440 - k;
 const keptAges = (ids: Iterable<number>) => [...ids].map((id) => 1440 - id).sort((a, b) => a - b);
@@ -41,9 +41,20 @@ describe('retention policy', () => {
     assert.deepEqual(decideRetention([], DEFAULT_POLICY, NOW), { keep: new Map(), drop: [] });
   });
 
+  it('keeps the last point of each disk, and the last committed point even when its clock time is older', () => {
+    const points = [
+      { id: 1, committedMs: NOW - 72 * 60 * MIN, diskIds: [7] }, // disk 7's only point
+      { id: 2, committedMs: NOW - 10 * MIN, diskIds: [8] },
+      { id: 3, committedMs: NOW - 20 * MIN, diskIds: [8] }, // committed after the clock was stepped back
+    ];
+    const { keep, drop } = decideRetention(points, { keepWithinMs: 0, keepHourly: 0, keepDaily: 0, keepWeekly: 0 }, NOW);
+    assert.deepEqual([...keep], [[3, ['newest']], [1, ['last of a disk']]]);
+    assert.deepEqual(drop, [2]);
+  });
+
   it('a flood of new points cannot evict the points the policy keeps', () => {
     const before = decideRetention(history(), DEFAULT_POLICY, NOW);
-    const flood = Array.from({ length: 5000 }, (_, i) => ({ id: 2000 + i, committedMs: NOW + 1 + i }));
+    const flood = Array.from({ length: 5000 }, (_, i) => ({ id: 2000 + i, committedMs: NOW + 1 + i, diskIds: [1] }));
     const after = decideRetention([...history(), ...flood], DEFAULT_POLICY, NOW + 6000);
     for (const id of before.keep.keys()) {
       if (id === idOfAge(0)) continue; // the newest of the hour bucket 12:00 is now a flood point
