@@ -10,7 +10,7 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, type ChildProcess } from 'node:child_process';
-import { closeSync, copyFileSync, fsyncSync, mkdirSync, openSync, rmSync, statfsSync, writeSync } from 'node:fs';
+import { closeSync, copyFileSync, fsyncSync, mkdirSync, openSync, readdirSync, rmSync, statSync, statfsSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { writeFileSync } from 'node:fs';
@@ -19,6 +19,7 @@ import { TidemarkError } from '../shared/errors.js';
 import { decodeReply } from '../shared/protocol.js';
 import { createLogger } from '../shared/log.js';
 import { AgentState } from '../agent/state.js';
+import { PACK_HEADER_BYTES } from '../receiver/pack-store.js';
 import { syncOnce } from '../agent/sync.js';
 import { Deployment, ReceiverProcess, runJson, spawnCli, tempDir } from '../test/harness.js';
 import { changeBlocks, sha256File, writeMixedImage } from '../test/fixtures.js';
@@ -174,6 +175,15 @@ describe('receiver disk full', { skip }, () => {
     assert.ok(dep.receiver.log.includes('receiver storage writable again'), 'the receiver logs the recovery');
     const verify = await runJson('receiver', ['verify', '--data', dep.receiver.dataDir]);
     assert.equal(verify.ok, true, JSON.stringify(verify.damaged));
+
+    // 5. The packs opened for the refused chunks hold nothing (a pack header only); a prune removes them.
+    const emptyPacks = () => readdirSync(join(dep.receiver.dataDir, 'packs'), { recursive: true, encoding: 'utf8' })
+      .filter((f) => f.endsWith('.pack') && statSync(join(dep.receiver.dataDir, 'packs', f)).size <= PACK_HEADER_BYTES);
+    assert.ok(emptyPacks().length > 0, 'the outage left empty packs behind');
+    await dep.receiver.restart(); // serve seals the packs of earlier runs: only sealed packs are compacted
+    const pruned = await runJson('receiver', ['prune', '--data', dep.receiver.dataDir]);
+    assert.equal(pruned.pointsDropped, 0);
+    assert.deepEqual(emptyPacks(), [], 'prune removed the empty packs');
   });
 
   it('names the full disk, not a missing chunk, when the refusals and the staging reply arrive together', async () => {

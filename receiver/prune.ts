@@ -107,7 +107,8 @@ function compactPacks(catalog: Catalog, packDir: string, log?: Logger): number {
   for (const pack of catalog.packUsage()) {
     if (!pack.sealed) continue;
     const liveBytes = pack.liveEnvelopeBytes + pack.liveChunks * ENTRY_HEADER_BYTES;
-    if (liveBytes >= (pack.sizeBytes - PACK_HEADER_BYTES) * COMPACT_BELOW_LIVE_RATIO) continue;
+    // A pack with no live entry goes whatever its size: one opened for a write that failed (disk full) holds none.
+    if (pack.liveChunks > 0 && liveBytes >= (pack.sizeBytes - PACK_HEADER_BYTES) * COMPACT_BELOW_LIVE_RATIO) continue;
     const oldPath = join(packDir, pack.file);
     if (pack.liveChunks > 0) {
       const file = join(pack.vaultId, `${Date.now().toString(36)}-${process.pid}-c${pack.id}.pack`);
