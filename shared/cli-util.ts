@@ -5,7 +5,15 @@ import { basename } from 'node:path';
 import { Command, CommanderError, Option } from 'commander';
 import { TidemarkError, asTidemarkError } from './errors.js';
 
+/** Exit status when stdout's reader went away (`status | head`): a shell's for a command killed by SIGPIPE. */
+export const EXIT_STDOUT_CLOSED = 128 + 13;
+
 export async function runCli(program: Command, argv = process.argv): Promise<void> {
+  // Node ignores SIGPIPE, so a closed stdout would be an unhandled EPIPE with a stack trace.
+  process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+    if (err.code !== 'EPIPE') throw err;
+    process.exit(EXIT_STDOUT_CLOSED);
+  });
   // Commander's own errors (unknown or missing options, conflicts) are usage errors, exit 2, in every
   // subcommand: the settings are not inherited by commands created before they are made.
   const commands = [program];

@@ -10,7 +10,7 @@ import { encodeFrame, MAX_FRAME_BYTES, PROTOCOL_HEADER, SESSION_PATH } from '../
 import { Packr } from 'msgpackr';
 import { VaultKeys } from '../shared/chunk-crypto.js';
 import { openKeyFile } from '../shared/keyfile.js';
-import { Deployment, PASSPHRASE, runCli } from './harness.js';
+import { Deployment, PASSPHRASE, runCli, spawnCli } from './harness.js';
 import { sha256File, writeMixedImage } from './fixtures.js';
 
 const MiB = 1024 * 1024;
@@ -88,6 +88,16 @@ describe('bad input', () => {
       assert.equal(r.code, 2, `${tool} ${args.join(' ')}: ${r.stderr}`);
       assert.match(oneLine(r.stderr), message);
     }
+  });
+
+  it('a reader that closes stdout early: exit 141 and no stack trace', async () => {
+    const child = spawnCli('receiver', ['status', '--data', d.receiver.dataDir]);
+    child.stdout!.destroy(); // as `| head -0` does: every write gets EPIPE
+    let stderr = '';
+    child.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
+    const code = await new Promise((resolve) => child.once('close', resolve));
+    assert.equal(code, 141, stderr);
+    assert.equal(stderr, '');
   });
 
   it('wrong fingerprint: exit 7 before any credential is sent', async () => {
