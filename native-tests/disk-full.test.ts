@@ -153,6 +153,11 @@ describe('receiver disk full', { skip }, () => {
     await dep.restore('brimful', disk, first.pointId, during);
     assert.equal(await sha256File(during), firstSha, 'the committed point restores identical during the outage');
 
+    // The receiver's status shows why, whatever the agents last reported.
+    const full = await runJson('receiver', ['status', '--data', dep.receiver.dataDir]);
+    assert.ok(full.space.freeBytes < LEFT_FREE, `status shows the full disk: ${JSON.stringify(full.space)}`);
+    assert.ok(full.space.totalBytes > FS_BYTES / 2 && full.space.totalBytes <= FS_BYTES, JSON.stringify(full.space)); // less the filesystem's own
+
     // 3. Logged once per failure, not once per chunk.
     const log = dep.receiver.log.slice(logBefore).split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, any>);
     const storageLines = log.filter((l) => l.code === 'E_STORAGE' || /storage/.test(String(l.msg)));
@@ -161,6 +166,8 @@ describe('receiver disk full', { skip }, () => {
 
     // 4. Space freed: the agent resumes the open point by itself and commits the changed disk.
     rmSync(filler);
+    const freed = await runJson('receiver', ['status', '--data', dep.receiver.dataDir]);
+    assert.ok(freed.space.freeBytes > 4 * LEFT_FREE, `status shows the freed space: ${JSON.stringify(freed.space)}`);
     const resumed = await waitFor('a point after space was freed', 90_000, () => points[0]);
     assert.equal(resumed.resumed, true, 'the cycle after the outage continued the open point');
     const exited = new Promise((r) => agent!.once('exit', r));

@@ -1,10 +1,10 @@
 // tidemark-receiver: init, serve, token, revoke, prune, status, verify (CLI contract: DESIGN §9, README).
+import { statfsSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { TidemarkError } from '../shared/errors.js';
-import { printJson, runCli } from '../shared/cli-util.js';
+import { parseIntOption, printJson, runCli } from '../shared/cli-util.js';
 import { createLogger } from '../shared/log.js';
 import { formatBytes, parseDurationMs } from '../shared/units.js';
-import { parseIntOption } from '../shared/cli-util.js';
 import { prune } from './prune.js';
 import { resolvePolicy } from './retention.js';
 import { Catalog, type TokenInfo } from './catalog.js';
@@ -156,8 +156,12 @@ program.command('status')
       // What the configured policy would drop and free now: the real prune, rolled back.
       const plan = prune(catalog, dir.packDir, { policy: resolvePolicy(dir.config.retention), nowMs: Date.now(), dryRun: true });
       const pruneWouldFree = { points: plan.pointsDropped, chunks: plan.chunksFreed, bytes: plan.bytesFreed };
-      if (opts.json) return printJson({ fingerprint: dir.fingerprint, ...status, pruneWouldFree });
-      process.stdout.write(`fingerprint ${dir.fingerprint}\nstored: ${status.storedChunks} chunks, ${formatBytes(status.storedChunkBytes)} ` +
+      // The filesystem of the data directory: a full one stops every host (E_STORAGE), whatever they last reported.
+      const fs = statfsSync(dir.root);
+      const space = { freeBytes: fs.bavail * fs.bsize, totalBytes: fs.blocks * fs.bsize };
+      if (opts.json) return printJson({ fingerprint: dir.fingerprint, ...status, pruneWouldFree, space });
+      process.stdout.write(`fingerprint ${dir.fingerprint}\nspace: ${formatBytes(space.freeBytes)} free of ${formatBytes(space.totalBytes)} on ${dir.root}\n` +
+        `stored: ${status.storedChunks} chunks, ${formatBytes(status.storedChunkBytes)} ` +
         `in pack files of ${formatBytes(status.packBytes)}; ` +
         `catalog ${formatBytes(status.catalogBytes)} for ${status.blockVersions} block versions; a prune now would drop ${plan.pointsDropped} points and free ${formatBytes(plan.bytesFreed)}\n`);
       for (const h of status.hosts) {
