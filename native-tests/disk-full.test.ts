@@ -116,7 +116,7 @@ describe('receiver disk full', { skip }, () => {
     const filler = join(mnt, 'filler');
     const stat = statfsSync(mnt);
     writeFiller(filler, stat.bavail * stat.bsize - LEFT_FREE);
-    await changeBlocks(disk, 64 * 1024, 256, 78); // 16 MiB of random data
+    const changed = new Set(await changeBlocks(disk, 64 * 1024, 256, 78)); // 16 MiB of random data
     const imageSha = await sha256File(disk);
     const logBefore = dep.receiver.log.length;
 
@@ -170,6 +170,8 @@ describe('receiver disk full', { skip }, () => {
     assert.ok(freed.space.freeBytes > 4 * LEFT_FREE, `status shows the freed space: ${JSON.stringify(freed.space)}`);
     const resumed = await waitFor('a point after space was freed', 90_000, () => points[0]);
     assert.equal(resumed.resumed, true, 'the cycle after the outage continued the open point');
+    const listed = (await dep.points('brimful')).find((p) => p.id === resumed.pointId);
+    assert.equal(listed.disks[0].changedBytes, changed.size * 64 * 1024, 'the point counts the blocks staged before the outage too');
     const exited = new Promise((r) => agent!.once('exit', r));
     agent.kill('SIGTERM');
     await exited;

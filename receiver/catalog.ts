@@ -342,21 +342,34 @@ export class Catalog {
   }
 
   /**
+   * Sets a point's changed_blocks and changed_bytes of a disk from its block versions (the
+   * short last block counts its real length): what the agent reports may count blocks twice
+   * (shipped again by a later pass) or miss some (staged before it resumed the point).
+   */
+  private countChanges(pointId: number, diskId: number): void {
+    this.db.prepare(`
+      UPDATE point_disk SET (changed_blocks, changed_bytes) = (
+        SELECT COUNT(*), COALESCE(SUM(MAX(0, MIN(d.block_bytes, point_disk.size_bytes - bv.block_index * d.block_bytes))), 0)
+        FROM block_version bv JOIN disk d ON d.id = bv.disk_id WHERE bv.point_id = :p AND bv.disk_id = :d)
+      WHERE point_id = :p AND disk_id = :d`).run({ p: pointId, d: diskId });
+  }
+
+  /**
    * Commits an open point with the disks it lists. Versions staged for a disk it does not
    * list are discarded (an agent restarted with fewer disks resumes its open point): a later
    * point of that disk would otherwise read them as its own. Returns how many were discarded.
    */
-  commitPoint(hostId: number, pointId: number, timeMs: number, crashConsistent: boolean, disks: Array<{ diskId: number; changedBytes: number }>): number {
+  commitPoint(hostId: number, pointId: number, timeMs: number, crashConsistent: boolean, disks: Array<{ diskId: number }>): number {
     return this.db.transaction(() => {
       if (!this.openPointOf(hostId, pointId)) throw new TidemarkError('E_CONFLICT', `point ${pointId} is not open for this host (already committed or discarded)`);
       const listed = new Set(disks.map((d) => d.diskId));
       if (listed.size !== disks.length) throw new TidemarkError('E_PROTOCOL', 'point.commit names a disk twice');
-      const changed = this.db.prepare(`SELECT COUNT(*) FROM block_version WHERE disk_id = ? AND point_id = ?`).pluck();
-      const insert = this.db.prepare(`INSERT INTO point_disk (point_id, disk_id, size_bytes, changed_blocks, changed_bytes) VALUES (?, ?, ?, ?, ?)`);
+      const insert = this.db.prepare(`INSERT INTO point_disk (point_id, disk_id, size_bytes, changed_blocks, changed_bytes) VALUES (?, ?, ?, 0, 0)`);
       for (const d of disks) {
         const disk = this.disk(d.diskId);
         if (!disk || disk.hostId !== hostId) throw new TidemarkError('E_FORBIDDEN', `disk ${d.diskId} does not belong to this host`);
-        insert.run(pointId, d.diskId, disk.sizeBytes, changed.get(d.diskId, pointId), d.changedBytes);
+        insert.run(pointId, d.diskId, disk.sizeBytes);
+        this.countChanges(pointId, d.diskId);
       }
       const unlisted = (this.db.prepare(`SELECT id FROM disk WHERE host_id = ?`).pluck().all(hostId) as number[]).filter((id) => !listed.has(id));
       const discard = this.db.prepare(`DELETE FROM block_version WHERE point_id = ? AND disk_id = ?`);
@@ -490,16 +503,11 @@ export class Catalog {
           AND EXISTS (SELECT 1 FROM block_version newer WHERE newer.disk_id = :d
                       AND newer.block_index = block_version.block_index AND newer.point_id > :p AND newer.point_id <= :k)`);
       const move = this.db.prepare(`UPDATE block_version SET point_id = :k WHERE point_id = :p AND disk_id = :d`);
-      // K now carries the changes since the disk's point before P: its counters say so.
-      const recount = this.db.prepare(`
-        UPDATE point_disk SET changed_blocks = (SELECT COUNT(*) FROM block_version bv WHERE bv.point_id = :k AND bv.disk_id = :d),
-          changed_bytes = MIN(size_bytes, (SELECT COUNT(*) FROM block_version bv WHERE bv.point_id = :k AND bv.disk_id = :d) * (SELECT block_bytes FROM disk WHERE id = :d))
-        WHERE point_id = :k AND disk_id = :d`);
       let folded = 0;
       for (const [d, k] of into) {
         dropSuperseded.run({ p: pointId, d, k });
         folded += move.run({ p: pointId, d, k }).changes;
-        recount.run({ d, k });
+        this.countChanges(k, d); // K now carries the changes since the disk's point before P
       }
       this.db.prepare(`DELETE FROM block_version WHERE point_id = ?`).run(pointId);
       this.db.prepare(`DELETE FROM point_disk WHERE point_id = ?`).run(pointId);

@@ -146,6 +146,12 @@ describe('interrupted initial sync', () => {
     assert.equal(storedAtKill + result.chunksUploaded, storedAfter, 'no chunk was uploaded twice');
     assert.ok(result.chunksUploaded < storedAfter, 'the resumed sync did not start over');
     assert.equal(result.crashConsistent, true);
+    // The point's changed bytes count the blocks staged before the kill too: every non-zero block.
+    const image = readFileSync(disk);
+    let dataBlocks = 0;
+    for (let at = 0; at < image.length; at += 64 * 1024) if (image.subarray(at, at + 64 * 1024).some((b) => b !== 0)) dataBlocks++;
+    const [listed] = (await d.points('beta')).map((p) => p.disks[0]);
+    assert.equal(listed.changedBytes, dataBlocks * 64 * 1024);
     const out = join(d.root, 'beta-restored.img');
     await d.restore('beta', disk, result.pointId, out);
     assert.equal(await sha256File(out), await sha256File(disk));
