@@ -1,5 +1,5 @@
 // tidemark-agent: enroll, scan, run, status (CLI contract: DESIGN §9, README).
-import { readFileSync } from 'node:fs';
+import { existsSync, readFileSync, realpathSync } from 'node:fs';
 import { resolve } from 'node:path';
 import { z } from 'zod';
 import { Command, Option } from 'commander';
@@ -117,6 +117,22 @@ const runConfigSchema = z.object({
 }).strict();
 
 /** Flags over the --config file over defaults. Disks are named by absolute path: `disk.img` and `./disk.img` are one disk. */
+/**
+ * One disk named twice (disk.img and ./disk.img, or /dev/sdb and a /dev/disk/by-id link to
+ * it) would be read and shipped twice, and the receiver refuses the point only at its commit.
+ */
+function refuseRepeatedDisks(disks: string[]): void {
+  const seen = new Map<string, string>();
+  for (const disk of disks) {
+    const real = existsSync(disk) ? realpathSync(disk) : disk; // a missing disk fails later, with E_DISK
+    const earlier = seen.get(real);
+    if (earlier !== undefined) {
+      throw new TidemarkError('E_USAGE', earlier === disk ? `--disk ${disk} is given twice: name each disk once` : `--disk ${earlier} and --disk ${disk} are the same disk (${real}): name it once`);
+    }
+    seen.set(real, disk);
+  }
+}
+
 function withConfig(flags: RunFlags) {
   let config: z.infer<typeof runConfigSchema> = {};
   if (flags.config) {
@@ -130,6 +146,7 @@ function withConfig(flags: RunFlags) {
   const disks = (flags.disk ?? config.disks ?? []).map((p) => resolve(p));
   if (!state) throw new TidemarkError('E_USAGE', 'no state directory: pass --state DIR (or "state" in --config)');
   if (disks.length === 0) throw new TidemarkError('E_USAGE', 'no disk given: pass --disk PATH (repeatable) or "disks" in --config');
+  refuseRepeatedDisks(disks);
   return {
     state, disks,
     interval: flags.interval ?? config.interval ?? '10s',

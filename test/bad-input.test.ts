@@ -2,7 +2,7 @@
 // code; the receiver stays up and committed data stays intact.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync } from 'node:fs';
+import { readFileSync, symlinkSync } from 'node:fs';
 import { join } from 'node:path';
 import WebSocket from 'ws';
 import { connectPinned } from '../shared/connection.js';
@@ -86,6 +86,16 @@ describe('bad input', () => {
     for (const [tool, args, message] of cases) {
       const r = await runCli(tool, args);
       assert.equal(r.code, 2, `${tool} ${args.join(' ')}: ${r.stderr}`);
+      assert.match(oneLine(r.stderr), message);
+    }
+  });
+
+  it('a disk named twice: exit 2 before anything is read', async () => {
+    const link = join(d.root, 'delta-link.img');
+    symlinkSync(disk, link);
+    for (const [second, message] of [[disk, /--disk .* is given twice/], [link, /are the same disk/]] as const) {
+      const r = await runCli('agent', ['run', '--once', '--state', state, '--disk', disk, '--disk', second]);
+      assert.equal(r.code, 2, r.stderr);
       assert.match(oneLine(r.stderr), message);
     }
   });
