@@ -52,6 +52,18 @@ export async function describeDisk(path: string, opts: DescribeOptions = {}): Pr
   return info;
 }
 
+/**
+ * A disk `run` protects: describeDisk without measuring, refusing a block device of size 0
+ * (a detached loop device, removed media), whose point would restore as an empty disk.
+ */
+export async function describeProtectedDisk(path: string): Promise<DiskInfo> {
+  const info = await describeDisk(path, { measureData: false });
+  if (info.kind === 'block' && info.sizeBytes === 0) {
+    throw new TidemarkError('E_DISK', `disk ${path} has size 0 (a detached loop device, or removed media): attach it again, or leave it out of --disk`);
+  }
+  return info;
+}
+
 /** stat that turns every unusable kind of path into a one-line E_DISK error (never creates anything). */
 function statDisk(path: string): Stats {
   let st: Stats;

@@ -8,6 +8,7 @@ import { readFileSync, statSync, writeFileSync } from 'node:fs';
 import { join, resolve } from 'node:path';
 import type { VaultKeys } from '../shared/chunk-crypto.js';
 import type { ReceiverConnection } from '../shared/connection.js';
+import { blockDeviceSizeBytes } from '../shared/block-device.js';
 import { DiskReader } from '../shared/disk-reader.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
@@ -16,7 +17,7 @@ import { blockCountOf } from './block-work.js';
 import { SlabPool, type Slab } from './slab-pool.js';
 import { BatchWindow } from './batch-window.js';
 import { DirtyMap } from './dirty-map.js';
-import { describeDisk } from './disks.js';
+import { describeProtectedDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
 import { reportStatus } from './status-report.js';
 import { openSession, registerDisk, shipBlocks, shipTurns, syncOnce, type SyncResult, type Totals } from './sync.js';
@@ -78,13 +79,25 @@ async function replicateWith(opts: ReplicatorOptions & { pool: BlockPool }, onPo
     opts.state.saveStatus({ tracker: 'scan', reason: opts.tracker === 'scan' ? 'hash scan (--tracker scan)' : `hash scan: ${unavailable}` });
     return scanLoop(opts, stop, onPoint);
   }
-  const tracker = await TracefsReplicator.start(opts, onPoint);
-  try {
-    await tracker.loop(stop);
-  } finally {
-    tracker.close(true);
+  // A disk that changed size needs new dirty maps and trace filters: tracking starts again,
+  // with a resync by hash scan at the new size (what is written meanwhile is then dirty).
+  let rescanReason: string | null = null;
+  for (;;) {
+    const tracker = await TracefsReplicator.start(opts, onPoint, rescanReason);
+    try {
+      return await tracker.loop(stop);
+    } catch (err) {
+      if (!(err instanceof DisksChanged)) throw err;
+      opts.log.warn({ reason: err.message }, 'a disk changed: tracking starts again, then a resync');
+      rescanReason = err.message;
+    } finally {
+      tracker.close(true);
+    }
   }
 }
+
+/** A protected disk is no longer what the tracker was built for (its size changed). */
+class DisksChanged extends Error {}
 
 function isBlockDevice(path: string): boolean {
   try {
@@ -133,6 +146,7 @@ async function everyInterval(opts: ReplicatorOptions, stop: Stop, cycle: () => P
       backoffMs = 1000;
       await stop.sleep(Math.max(0, opts.intervalMs - (Date.now() - startedMs)));
     } catch (err) {
+      if (err instanceof DisksChanged) throw err;
       const error = asTidemarkError(err);
       if (!error.retryable) throw error;
       opts.state.saveStatus({ state: 'Error', reason: `${error.message} (retrying in ${Math.round(backoffMs / 1000)} s)` });
@@ -155,6 +169,8 @@ type Runs = Array<{ first: number; data: Buffer }>;
 
 interface Tracked {
   record: DiskRecord;
+  /** The disk's size when tracking started: the dirty maps and trace filter are made for it. */
+  sizeBytes: number;
   blockCount: number;
   /** Written since the current cut. */
   pending: DirtyMap;
@@ -176,6 +192,8 @@ class TracefsReplicator {
   private needScan: string | null;
   private lostBaseline: number;
   private drainTimer: NodeJS.Timeout;
+  /** Why the background drain stopped: the loop ends with it (tracking cannot go on unrecorded). */
+  private drainFailure: TidemarkError | null = null;
   private readonly groupSlabs = new SlabPool(GROUPS_IN_FLIGHT, MAX_GROUP_BYTES);
   private readingFlag: string;
 
@@ -190,12 +208,13 @@ class TracefsReplicator {
     this.lostBaseline = instance.lostEvents();
     this.readingFlag = join(opts.state.dir, 'tracefs.reading');
     // Keep the kernel buffer drained between cycles, also while a scan or an outage lasts.
-    this.drainTimer = setInterval(() => this.drain(), BACKGROUND_DRAIN_MS);
+    this.drainTimer = setInterval(() => this.drainInBackground(), BACKGROUND_DRAIN_MS);
   }
 
-  static async start(opts: ReplicatorOptions & { pool: BlockPool }, onPoint: (p: PointEvent) => void): Promise<TracefsReplicator> {
+  /** `rescanReason`: why tracking starts again (a disk changed), which calls for a resync. */
+  static async start(opts: ReplicatorOptions & { pool: BlockPool }, onPoint: (p: PointEvent) => void, rescanReason: string | null = null): Promise<TracefsReplicator> {
     const { state } = opts;
-    const infos = await Promise.all(opts.diskPaths.map((p) => describeDisk(p, { measureData: false })));
+    const infos = await Promise.all(opts.diskPaths.map((p) => describeProtectedDisk(p)));
     const targets: TraceTarget[] = infos.map((info) => {
       const [major, minor] = (info.parentDevMajorMinor ?? info.devMajorMinor!).split(':').map(Number) as [number, number];
       const blockBytes = state.disk(info.path)?.blockBytes ?? opts.blockBytes;
@@ -211,6 +230,7 @@ class TracefsReplicator {
       const loaded = record ? DirtyMap.load(dirtyPath(state, record.diskId), blockCount) : null;
       return {
         record: record ?? { path: info.path, diskId: -1, sizeBytes: info.sizeBytes, blockBytes: targets[i]!.blockBytes, hasBaseline: false, baselinePointId: null, watermark: 0 },
+        sizeBytes: info.sizeBytes,
         blockCount,
         pending: loaded ?? DirtyMap.empty(blockCount),
         reading: null,
@@ -233,7 +253,7 @@ class TracefsReplicator {
     const needScan = disks.some((d) => !d.record.hasBaseline) ? 'initial'
       // Rounds compare with the shipped hashes and write into them: legacy ones must be replaced by a scan first.
       : disks.some((d) => state.legacyShippedPath(d.record) !== null) ? 'the hash files are upgraded from XXH3-64 to XXH64'
-      : continuity;
+      : rescanReason ?? continuity;
     return new TracefsReplicator(opts, instance, disks, needScan, onPoint);
   }
 
@@ -246,6 +266,8 @@ class TracefsReplicator {
 
   async loop(stop: Stop): Promise<void> {
     await everyInterval(this.opts, stop, async () => {
+      if (this.drainFailure) throw this.drainFailure;
+      this.checkSizes();
       const lost = this.instance.lostEvents();
       if (lost > this.lostBaseline) {
         this.needScan = `tracking lost ${lost - this.lostBaseline} events (trace ring buffer overrun)`;
@@ -259,6 +281,14 @@ class TracefsReplicator {
         throw err;
       }
     });
+  }
+
+  /** Throws DisksChanged when a disk's size is not the one tracking started with. */
+  private checkSizes(): void {
+    for (const d of this.disks) {
+      const now = blockDeviceSizeBytes(d.record.path);
+      if (now !== d.sizeBytes) throw new DisksChanged(`disk ${d.record.path} changed size from ${d.sizeBytes} to ${now} bytes`);
+    }
   }
 
   /**
@@ -295,6 +325,22 @@ class TracefsReplicator {
     return seen;
   }
 
+  /**
+   * drain() from the timer, where a throw would escape every handler (and leave the trace
+   * instance behind): the failure is kept for the loop, which ends the run with it.
+   */
+  private drainInBackground(): void {
+    try {
+      this.drain();
+    } catch (err) {
+      clearInterval(this.drainTimer);
+      const error = asTidemarkError(err);
+      this.drainFailure = error.code === 'E_INTERNAL' || error.code === 'E_DISK'
+        ? new TidemarkError('E_STATE', `cannot record tracked writes in the state directory ${this.opts.state.dir} (${error.message}); if it was removed, enroll again into a new one`, { cause: err })
+        : error;
+    }
+  }
+
   /** Returns once every event issued before now has been read from the kernel. */
   private async catchUp(): Promise<void> {
     const marker = this.instance.mark();
@@ -325,9 +371,16 @@ class TracefsReplicator {
     if (this.conn?.isOpen) return this.conn;
     this.conn?.close();
     const conn = await openSession(this.opts.state, this.opts.keys, this.opts.bytesPerSecond);
-    for (const d of this.disks) {
-      const { stale } = await registerDisk(conn, this.opts.state, d.record.path, d.record.blockBytes, this.opts.log);
-      if (stale) this.needScan = "the receiver's newest point is not the one this agent last committed";
+    try {
+      for (const d of this.disks) {
+        const { stale, resumable } = await registerDisk(conn, this.opts.state, d.record.path, d.record.blockBytes, this.opts.log);
+        if (stale) this.needScan = "the receiver's newest point is not the one this agent last committed";
+        // Its size changed since checkSizes, or the receiver knows it by another id: its hashes are gone.
+        else if (!resumable) throw new DisksChanged(`disk ${d.record.path} is not the one the receiver and this agent last agreed on (size or id changed)`);
+      }
+    } catch (err) {
+      conn.close();
+      throw err;
     }
     this.conn = conn;
     return conn;

@@ -20,7 +20,7 @@ import { blockCountOf, blockOf, zeroHash } from './block-work.js';
 import { BlockPool, type ScannedBlocks } from './block-pool.js';
 import { SlabPool } from './slab-pool.js';
 import { BatchWindow } from './batch-window.js';
-import { describeDisk } from './disks.js';
+import { describeProtectedDisk } from './disks.js';
 import { HashFile, type AgentState, type DiskRecord } from './state.js';
 import { reportStatus } from './status-report.js';
 
@@ -220,7 +220,7 @@ function adoptCommittedPending(state: AgentState, record: DiskRecord, pointId: n
  * silently; so the hashes are dropped and every block is compared with the receiver by id.
  */
 export async function registerDisk(conn: ReceiverConnection, state: AgentState, path: string, blockBytes: number, log?: Logger) {
-  const info = await describeDisk(path, { measureData: false });
+  const info = await describeProtectedDisk(path);
   const known = state.disk(path);
   const reg = await conn.request('disk.register', {
     name: path, sizeBytes: info.sizeBytes, sectorBytes: info.sectorBytes, blockBytes: known?.blockBytes ?? blockBytes,

@@ -447,6 +447,14 @@ class AgentRun {
   async stop(signal: NodeJS.Signals = 'SIGTERM') {
     return stopProcess(this.child, signal);
   }
+
+  /** How the agent ended by itself within the time; fails if it did not. */
+  async exitWithin(timeoutMs: number, what: string): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+    await this.waitForPoint(() => false, timeoutMs, what).catch((err) => {
+      if (!this.exitInfo) throw err;
+    });
+    return this.exitInfo!;
+  }
 }
 
 /** native-tests/workload.js as a child process. */
@@ -860,6 +868,62 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
       const restored = join(lab.dir, `restored-${point.pointId}.img`);
       await d.restore(host, device, point.pointId, restored);
       assert.equal(await sha256File(restored), await sha256Device(device), `point ${point.pointId} is not the device as it is: it kept the newer block`);
+    }, t);
+  });
+
+  it('a disk that grows, shrinks or goes away while tracked: tracking starts again at the new size, points match the device, size 0 stops the agent', { timeout: 180_000 }, async (t) => {
+    await inLab('resize', async (lab) => {
+      const host = 'cont-resize';
+      const image = join(lab.dir, 'source.img');
+      writeFileSync(image, '');
+      truncateSync(image, 16 * MiB);
+      const device = lab.attach(image);
+      const write = (offset: number) => {
+        const fd = openSync(device, 'r+');
+        try {
+          writeSync(fd, randomBytes(64 * 1024), 0, 64 * 1024, offset);
+          fsyncSync(fd);
+        } finally {
+          closeSync(fd);
+        }
+        return Date.now();
+      };
+      write(3 * 64 * 1024);
+      const agent = new AgentRun(lab, await d.enroll(host), [device], 1);
+      await agent.waitForPoint(() => true, 60_000, 'initial point');
+      for (const [sizeMiB, offsets] of [[24, [20 * MiB, MiB]], [8, [2 * MiB]]] as const) {
+        truncateSync(image, sizeMiB * MiB);
+        sh('losetup', ['-c', device]); // the loop device takes its file's new size
+        const writtenMs = Math.max(...offsets.map(write));
+        const point = await agent.waitForPoint((p) => Date.parse(p.time) > writtenMs, 60_000, `a point after the resize to ${sizeMiB} MiB`);
+        const listed = (await d.points(host)).find((p) => p.id === point.pointId)!;
+        assert.equal(listed.disks[0].sizeBytes, sizeMiB * MiB, `point ${point.pointId} has the disk's new size`);
+        const restored = join(lab.dir, `restored-${point.pointId}.img`);
+        await d.restore(host, device, point.pointId, restored);
+        assert.equal(await sha256File(restored), await sha256Device(device), `point ${point.pointId} (${point.mode}) is the device resized to ${sizeMiB} MiB`);
+      }
+      sh('losetup', ['-d', device]); // the agent holds it open: its size drops to 0 at once, the node stays
+      const exit = await agent.exitWithin(60_000, 'the agent to stop on a disk of size 0');
+      assert.equal(exit.code, 12, agent.stderrTail());
+      assert.match(agent.stderrTail(1), /has size 0 \(a detached loop device/);
+    }, t);
+  });
+
+  it('a state directory removed under a running agent: one line, exit 13, and the trace instance removed', { timeout: 120_000 }, async (t) => {
+    await inLab('lost-state', async (lab) => {
+      const image = join(lab.dir, 'source.img');
+      writeFileSync(image, '');
+      truncateSync(image, 8 * MiB);
+      const device = lab.attach(image);
+      const stateDir = await d.enroll('cont-lost-state');
+      const agent = new AgentRun(lab, stateDir, [device], 1);
+      await agent.waitForPoint(() => true, 60_000, 'initial point');
+      assert.ok(agent.instancePath && existsSync(agent.instancePath), 'the agent made its trace instance');
+      rmSync(stateDir, { recursive: true });
+      const exit = await agent.exitWithin(30_000, 'the agent to stop without its state directory');
+      assert.equal(exit.code, 13, agent.stderrTail());
+      assert.match(agent.stderrTail(1), /^tidemark-agent: cannot record tracked writes in the state directory .* enroll again/);
+      assert.ok(!existsSync(agent.instancePath), 'the trace instance was removed');
     }, t);
   });
 
