@@ -2,6 +2,7 @@
 // part of the bench. Only what this object attached and mounted is undone.
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, rmdirSync } from 'node:fs';
+import { attachLoop } from '../test/harness.js';
 
 function sh(cmd: string, args: string[]): string {
   try {
@@ -18,7 +19,7 @@ export class MountedLoop {
   private constructor(readonly device: string, readonly mountPoint: string) {}
 
   static attach(image: string, mountPoint: string): MountedLoop {
-    const device = sh('losetup', ['--find', '--show', image]).trim();
+    const device = attachLoop(image);
     const loop = new MountedLoop(device, mountPoint);
     try {
       mkdirSync(mountPoint, { recursive: true });

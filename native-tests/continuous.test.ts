@@ -29,7 +29,7 @@ import { fileURLToPath } from 'node:url';
 import Database from 'better-sqlite3';
 import { xxh3 } from '@node-rs/xxhash';
 import { readPeakRssBytes } from '../bench/proc-watch.js';
-import { Deployment, runJson, spawnCli, tempDir } from '../test/harness.js';
+import { Deployment, attachLoop, runJson, spawnCli, tempDir } from '../test/harness.js';
 import { makePrng, sha256File } from '../test/fixtures.js';
 import { RECORD_BYTES, chainGap, chainSlots, newestChainWrite, parseLog, parseRecord } from './workload.js';
 
@@ -194,7 +194,7 @@ class Lab {
   }
 
   attach(image: string, partitions = false): string {
-    const device = sh('losetup', ['-f', '--show', ...(partitions ? ['-P'] : []), image]).trim();
+    const device = attachLoop(image, { partitions });
     const backing = realpathSync(image);
     this.defer(`detach ${device}`, () => this.detach(device, backing));
     return device;
@@ -306,6 +306,18 @@ function writeRandomFile(path: string, bytes: number): void {
   } finally {
     closeSync(fd);
   }
+}
+
+/** Writes `data` at `offset` of a device and fsyncs it; returns when (test clock). */
+function writeDevice(device: string, offset: number, data: Buffer): number {
+  const fd = openSync(device, 'r+');
+  try {
+    writeSync(fd, data, 0, data.length, offset);
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+  return Date.now();
 }
 
 /** SHA-256 of a block device as the disk holds it (drop its page cache first). */
@@ -830,16 +842,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
       writeFileSync(image, '');
       truncateSync(image, 16 * MiB);
       const device = lab.attach(image);
-      const writeBlock = (data: Buffer) => {
-        const fd = openSync(device, 'r+');
-        try {
-          writeSync(fd, data, 0, data.length, 3 * 64 * 1024);
-          fsyncSync(fd);
-        } finally {
-          closeSync(fd);
-        }
-        return Date.now();
-      };
+      const writeBlock = (data: Buffer) => writeDevice(device, 3 * 64 * 1024, data);
       const older = randomBytes(64 * 1024);
       writeBlock(older);
       const stateDir = await d.enroll(host);
@@ -878,16 +881,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
       writeFileSync(image, '');
       truncateSync(image, 16 * MiB);
       const device = lab.attach(image);
-      const write = (offset: number) => {
-        const fd = openSync(device, 'r+');
-        try {
-          writeSync(fd, randomBytes(64 * 1024), 0, 64 * 1024, offset);
-          fsyncSync(fd);
-        } finally {
-          closeSync(fd);
-        }
-        return Date.now();
-      };
+      const write = (offset: number) => writeDevice(device, offset, randomBytes(64 * 1024));
       write(3 * 64 * 1024);
       const agent = new AgentRun(lab, await d.enroll(host), [device], 1);
       await agent.waitForPoint(() => true, 60_000, 'initial point');

@@ -21,7 +21,7 @@ import { createLogger } from '../shared/log.js';
 import { AgentState } from '../agent/state.js';
 import { PACK_HEADER_BYTES } from '../receiver/pack-store.js';
 import { syncOnce } from '../agent/sync.js';
-import { Deployment, ReceiverProcess, runJson, spawnCli, tempDir } from '../test/harness.js';
+import { Deployment, ReceiverProcess, attachLoop, runJson, spawnCli, tempDir } from '../test/harness.js';
 import { changeBlocks, sha256File, writeMixedImage } from '../test/fixtures.js';
 import { vaultKeys } from '../test/point-check.js';
 
@@ -81,7 +81,7 @@ describe('receiver disk full', { skip }, () => {
     const fsImage = join(root, 'fs.img');
     execFileSync('truncate', ['-s', String(FS_BYTES), fsImage]);
     execFileSync('mkfs.ext4', ['-q', '-F', '-m', '0', fsImage], { stdio: 'ignore' });
-    loop = execFileSync('losetup', ['-f', '--show', fsImage], { encoding: 'utf8' }).trim();
+    loop = attachLoop(fsImage);
     mkdirSync(mnt);
     execFileSync('mount', [loop, mnt]);
     mounted = true;

@@ -7,7 +7,7 @@ import { execFileSync } from 'node:child_process';
 import { randomBytes } from 'node:crypto';
 import { closeSync, mkdirSync, openSync, writeSync, fsyncSync } from 'node:fs';
 import { join } from 'node:path';
-import { Deployment, runCli } from '../test/harness.js';
+import { Deployment, attachLoop, runCli } from '../test/harness.js';
 import { sha256File, writeExt4Image } from '../test/fixtures.js';
 
 const MiB = 1024 * 1024;
@@ -31,7 +31,7 @@ describe('failback onto a loop device', { skip }, () => {
   let d: Deployment;
   const attached: string[] = [];
   const attach = (image: string) => {
-    const device = execFileSync('losetup', ['-f', '--show', image], { encoding: 'utf8' }).trim();
+    const device = attachLoop(image);
     attached.push(device);
     return device;
   };

@@ -5,7 +5,7 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { join } from 'node:path';
-import { Deployment } from '../test/harness.js';
+import { Deployment, attachLoop } from '../test/harness.js';
 import { sha256File, writeExt4Image } from '../test/fixtures.js';
 
 const MiB = 1024 * 1024;
@@ -28,7 +28,7 @@ describe('loop devices', { skip }, () => {
   let d: Deployment;
   const attached: string[] = [];
   const attach = (image: string) => {
-    const device = execFileSync('losetup', ['-f', '--show', image], { encoding: 'utf8' }).trim();
+    const device = attachLoop(image);
     attached.push(device);
     return device;
   };

@@ -13,7 +13,7 @@ import { existsSync, mkdirSync, readFileSync, readdirSync, rmSync, truncateSync,
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { snapshotPath } from '../agent/image-snapshot.js';
-import { Deployment, collect } from '../test/harness.js';
+import { Deployment, attachLoop, collect } from '../test/harness.js';
 import { sha256File } from '../test/fixtures.js';
 import { chainGap, chainSlots, newestChainWrite } from './workload.js';
 
@@ -48,7 +48,7 @@ describe('reflink snapshots of image files', { skip, timeout: 180_000 }, () => {
     const backing = join(d.root, 'xfs.img');
     writeFileSync(backing, '');
     truncateSync(backing, 512 * MiB);
-    device = execFileSync('losetup', ['-f', '--show', backing], { encoding: 'utf8' }).trim();
+    device = attachLoop(backing);
     execFileSync('mkfs.xfs', ['-q', '-m', 'reflink=1', device]);
     mnt = join(d.root, 'mnt');
     mkdirSync(mnt);

@@ -1,5 +1,5 @@
 // Test harness: real receiver and agent processes on loopback, in temp directories.
-import { spawn, type ChildProcess } from 'node:child_process';
+import { execFileSync, spawn, type ChildProcess } from 'node:child_process';
 import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
@@ -59,6 +59,17 @@ export async function runJson<T = any>(tool: Tool, args: string[], env: Record<s
 
 export function tempDir(prefix = 'tidemark-test-'): string {
   return mkdtempSync(join(tmpdir(), prefix));
+}
+
+/**
+ * Attaches `image` to a free loop device (`-P`: scan its partitions) and returns the device.
+ * Read-write for sure: this kernel keeps a loop device read-only after `losetup -r` by an
+ * earlier user, across its detach and the next attach.
+ */
+export function attachLoop(image: string, { partitions = false } = {}): string {
+  const device = execFileSync('losetup', ['-f', '--show', ...(partitions ? ['-P'] : []), image], { encoding: 'utf8' }).trim();
+  execFileSync('blockdev', ['--setrw', device]);
+  return device;
 }
 
 export class ReceiverProcess {
