@@ -18,6 +18,7 @@ import { diskFileStems } from './disk-file-name.js';
 import { findDisk } from './point-blocks.js';
 import { restoreDisk } from './restore-disk.js';
 import { withSignalCleanup } from './signal-cleanup.js';
+import { targetError } from './target-file.js';
 
 export const IMAGE_PLACEHOLDER = '{image}';
 /** How much of a check's output (stdout and stderr, interleaved) the report keeps: the end. */
@@ -71,7 +72,10 @@ export async function drillPoint(conn: ReceiverConnection, keys: VaultKeys, poin
   checkCommandFor(options.check, ''); // a bad --check fails before anything is restored
   const disks = options.disk === undefined ? point.disks : [findDisk(point, options.disk)];
   const stems = diskFileStems(disks.map((d) => d.name));
-  const scratch = await mkdtemp(join(resolve(options.scratch ?? tmpdir()), 'tidemark-drill-'));
+  const scratchParent = resolve(options.scratch ?? tmpdir());
+  const scratch = await mkdtemp(join(scratchParent, 'tidemark-drill-')).catch((err: unknown) => {
+    throw targetError(err, scratchParent, { option: options.scratch === undefined ? '--scratch (or TMPDIR)' : '--scratch' });
+  });
   let running: RunningCheck | undefined;
   const removeScratch = () => rmSync(scratch, { recursive: true, force: true });
   try {

@@ -6,7 +6,7 @@
 // so memory stays bounded whatever the disk size. The same point always
 // exports to the same bytes (entry times are the point's cut time).
 import { createHash } from 'node:crypto';
-import { createWriteStream, rmSync } from 'node:fs';
+import { rmSync } from 'node:fs';
 import { open, rename, stat } from 'node:fs/promises';
 import { dirname } from 'node:path';
 import { pipeline } from 'node:stream/promises';
@@ -22,6 +22,7 @@ import { diskFileStems } from './disk-file-name.js';
 import type { FetchStats } from './chunk-fetcher.js';
 import { readPointBlocks, type PointDisk } from './point-blocks.js';
 import { withSignalCleanup } from './signal-cleanup.js';
+import { targetError } from './target-file.js';
 
 export const MANIFEST_NAME = 'manifest.json';
 
@@ -47,9 +48,13 @@ export async function exportPoint(conn: ReceiverConnection, keys: VaultKeys, poi
   if (to === '-') return writeTar(conn, keys, point, to, process.stdout);
   if (await stat(to).catch(() => undefined)) throw new TidemarkError('E_CONFLICT', `${to} already exists; remove it or choose another --to`);
   const partial = `${to}.partial`;
+  // Opened before anything streams: a path that cannot be created fails here, with its cause.
+  const output = await open(partial, 'w', 0o600).catch((err: unknown) => {
+    throw targetError(err, partial);
+  });
   const removePartial = () => rmSync(partial, { force: true });
   try {
-    const result = await withSignalCleanup(removePartial, () => writeTar(conn, keys, point, to, createWriteStream(partial, { mode: 0o600 })));
+    const result = await withSignalCleanup(removePartial, () => writeTar(conn, keys, point, to, output.createWriteStream()));
     const file = await open(partial, 'r');
     try {
       await file.sync();
@@ -108,13 +113,20 @@ async function writeTar(conn: ReceiverConnection, keys: VaultKeys, point: PointI
   } catch (err) {
     pack.destroy(err as Error);
     // A failed output (disk full, a closed pipe) shows up here as a destroyed entry: name the cause.
-    if (outputError) throw new TidemarkError('E_DISK', `cannot write the export to ${to === '-' ? 'stdout' : to}: ${outputError.message}`, { cause: outputError });
+    if (outputError) throw outputFailure(outputError, to === '-' ? 'stdout' : to);
     throw err;
   }
   reporter.report(progress, true);
   reporter.done();
   const bytesWritten = manifest.disks.reduce((sum, d) => sum + d.sizeBytes, 0);
   return { point: point.id, host: point.host, to, bytesWritten, bytesFetched: stats.bytesFetched, manifest };
+}
+
+/** Full disk: E_STORAGE, as for every restore; other local errors E_DISK with the path and the fix. */
+function outputFailure(err: Error, to: string): unknown {
+  const error = targetError(err, to);
+  if (error !== err) return error;
+  return new TidemarkError('E_DISK', `cannot write the export to ${to}: ${err.message}`, { cause: err });
 }
 
 function diskEntry(disk: PointDisk, file: string, sha256: string): ExportManifest['disks'][number] {
@@ -144,6 +156,8 @@ type TarEntry = ReturnType<tar.Pack['entry']>;
 
 function drained(stream: TarEntry): Promise<void> {
   return new Promise((resolve, reject) => {
+    // Destroyed already (the output failed to open, say): its 'close' has been and gone.
+    if (stream.destroyed) return reject(new TidemarkError('E_DISK', 'the export stream was closed'));
     const done = (err?: Error) => {
       stream.off('drain', onDrain);
       stream.off('close', onClose);

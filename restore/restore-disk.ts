@@ -11,6 +11,7 @@ import { Progress, ProgressReporter } from '../shared/progress.js';
 import type { PointInfo } from '../shared/protocol.js';
 import { findDisk, readPointBlocks } from './point-blocks.js';
 import { RunWriter } from './run-writer.js';
+import { targetError } from './target-file.js';
 
 /** The `disk --json` document (DESIGN §9); failback fills every field, a plain restore compares nothing. */
 export interface RestoreDiskResult {
@@ -30,7 +31,9 @@ export async function restoreDisk(conn: ReceiverConnection, keys: VaultKeys, poi
   const isDevice = target?.isBlockDevice() ?? false;
   if (isDevice && blockDeviceSizeBytes(to) < disk.sizeBytes) throw new TidemarkError('E_DISK', `${to} is smaller than the disk (${disk.sizeBytes} bytes)`);
   const writePath = isDevice ? to : `${to}.partial`;
-  const file = isDevice ? await openDeviceForWriting(to) : await open(writePath, 'w', 0o600);
+  const file = await (isDevice ? openDeviceForWriting(to) : open(writePath, 'w', 0o600)).catch((err: unknown) => {
+    throw targetError(err, writePath, { device: isDevice });
+  });
   const progress = new Progress(`restore ${diskName}`, disk.sizeBytes);
   const reporter = new ProgressReporter(false); // a TTY on stderr only: with --json, stdout carries one document
   const result: RestoreDiskResult = { point: point.id, disk: diskName, to, sizeBytes: disk.sizeBytes, bytesWritten: 0, bytesFetched: 0, blocksCompared: 0 };
@@ -51,7 +54,7 @@ export async function restoreDisk(conn: ReceiverConnection, keys: VaultKeys, poi
   } catch (err) {
     await file.close();
     if (!isDevice) await rm(writePath, { force: true });
-    throw err;
+    throw targetError(err, writePath, { device: isDevice });
   }
   await file.close();
   if (!isDevice) await rename(writePath, to);

@@ -75,6 +75,14 @@ export interface ErrorContext {
 const fullCodes = new Set(['ENOSPC', 'EDQUOT', 'SQLITE_FULL']);
 
 /**
+ * A file or device of this host that cannot be written or read: read-only, not permitted,
+ * a path through a file, past a size limit, a device gone or failing. Not mapped for the
+ * receiver, whose unexpected errors must stay E_INTERNAL (logged there), and whose replies
+ * would make an agent blame its own disk.
+ */
+const localDiskCodes = new Set(['EROFS', 'EPERM', 'ENOTDIR', 'EFBIG', 'ENXIO', 'EIO']);
+
+/**
  * Wraps anything thrown into a TidemarkError, keeping the original as cause. The one
  * place that maps system and SQLite codes: a full disk and catalog I/O errors become
  * E_STORAGE (retryable), with a message that says whose disk and what to do.
@@ -96,7 +104,7 @@ export function asTidemarkError(err: unknown, context: ErrorContext = {}): Tidem
         : `storage I/O error (${detail}); check the disk (free space, kernel log) and retry`;
     return new TidemarkError('E_STORAGE', text, { cause: err });
   }
-  if (sysCode === 'ENOENT' || sysCode === 'EACCES' || sysCode === 'EISDIR') {
+  if (sysCode === 'ENOENT' || sysCode === 'EACCES' || sysCode === 'EISDIR' || (context.storage !== 'receiver' && localDiskCodes.has(sysCode ?? ''))) {
     return new TidemarkError('E_DISK', message, { cause: err, retryable: false });
   }
   return new TidemarkError('E_INTERNAL', message, { cause: err });

@@ -50,6 +50,16 @@ export function collect(child: ChildProcess): Promise<CliResult> {
   return new Promise((resolve) => child.on('close', (code, signal) => resolve({ code, signal, stdout, stderr })));
 }
 
+/** As collect, but a command still running after `guardMs` has hung: it is killed (the result's signal is SIGKILL). */
+export async function collectGuarded(child: ChildProcess, guardMs = 60_000): Promise<CliResult> {
+  const guard = setTimeout(() => child.kill('SIGKILL'), guardMs);
+  try {
+    return await collect(child);
+  } finally {
+    clearTimeout(guard);
+  }
+}
+
 /** Runs a CLI and parses its stdout as one JSON document; fails loudly otherwise. */
 export async function runJson<T = any>(tool: Tool, args: string[], env: Record<string, string | undefined> = {}, root = REPO_ROOT): Promise<T> {
   const result = await runCli(tool, [...args, '--json'], env, root);
