@@ -7,22 +7,20 @@
 // exports to the same bytes (entry times are the point's cut time).
 import { createHash } from 'node:crypto';
 import { rmSync } from 'node:fs';
-import { open, rename, stat } from 'node:fs/promises';
-import { dirname } from 'node:path';
+import { open, stat } from 'node:fs/promises';
 import { pipeline } from 'node:stream/promises';
 import type { Writable } from 'node:stream';
 import tar from 'tar-stream';
 import type { VaultKeys } from '../shared/chunk-crypto.js';
 import type { ReceiverConnection } from '../shared/connection.js';
 import { TidemarkError } from '../shared/errors.js';
-import { fsyncDir } from '../shared/fs-util.js';
 import { Progress, ProgressReporter } from '../shared/progress.js';
 import type { PointInfo } from '../shared/protocol.js';
 import { diskFileStems } from './disk-file-name.js';
 import type { FetchStats } from './chunk-fetcher.js';
 import { readPointBlocks, type PointDisk } from './point-blocks.js';
 import { withSignalCleanup } from './signal-cleanup.js';
-import { targetError } from './target-file.js';
+import { createPartial, publishPartial, targetError } from './target-file.js';
 
 export const MANIFEST_NAME = 'manifest.json';
 
@@ -43,26 +41,22 @@ export interface ExportResult {
   manifest: ExportManifest;
 }
 
-/** `to`: a file to create (written as `<to>.partial`, renamed when complete, removed on failure) or `-` for stdout. */
+/** `to`: a file to create (written as `<to>.partial`, published when complete, removed on failure) or `-` for stdout. */
 export async function exportPoint(conn: ReceiverConnection, keys: VaultKeys, point: PointInfo, to: string): Promise<ExportResult> {
   if (to === '-') return writeTar(conn, keys, point, to, process.stdout);
   if (await stat(to).catch(() => undefined)) throw new TidemarkError('E_CONFLICT', `${to} already exists; remove it or choose another --to`);
-  const partial = `${to}.partial`;
   // Opened before anything streams: a path that cannot be created fails here, with its cause.
-  const output = await open(partial, 'w', 0o600).catch((err: unknown) => {
-    throw targetError(err, partial);
-  });
-  const removePartial = () => rmSync(partial, { force: true });
+  const partial = await createPartial(to);
+  const removePartial = () => rmSync(partial.path, { force: true });
   try {
-    const result = await withSignalCleanup(removePartial, () => writeTar(conn, keys, point, to, output.createWriteStream()));
-    const file = await open(partial, 'r');
+    const result = await withSignalCleanup(removePartial, () => writeTar(conn, keys, point, to, partial.file.createWriteStream()));
+    const file = await open(partial.path, 'r');
     try {
       await file.sync();
     } finally {
       await file.close();
     }
-    await rename(partial, to);
-    fsyncDir(dirname(to));
+    await publishPartial(partial.path, to);
     return result;
   } catch (err) {
     removePartial();

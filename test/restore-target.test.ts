@@ -1,12 +1,14 @@
 // What a restore does with its local target (--to, a drill's --scratch) when it
 // cannot be written: one line naming the path and the fix, exit 12 (a full disk:
 // 11); it never hangs. Targets that need root (read-only mounts and devices, a
-// full filesystem) are in native-tests/restore-target.test.ts.
+// full filesystem) are in native-tests/restore-target.test.ts. And what it does
+// beside another run: it never writes into another run's partial file nor
+// replaces a --to that appeared meanwhile; interrupted, it leaves no partial file.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { spawn } from 'node:child_process';
-import { existsSync, readdirSync, writeFileSync } from 'node:fs';
-import { join } from 'node:path';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { existsSync, readFileSync, readdirSync, statSync, watch, writeFileSync } from 'node:fs';
+import { dirname, join } from 'node:path';
 import { Deployment, PASSPHRASE, collectGuarded, launcherNodeFlags, launcherPath, spawnCli, type CliResult } from './harness.js';
 import { writeMixedImage } from './fixtures.js';
 
@@ -19,9 +21,30 @@ function oneLine(result: CliResult): string {
   return lines[0]!;
 }
 
+/** Stops `child` (SIGSTOP) as soon as `path` exists (and has `size` bytes, if given); fails if the child exits first. */
+function stopWhenCreated(child: ChildProcess, path: string, size?: number): Promise<void> {
+  return new Promise((resolve, reject) => {
+    const watcher = watch(dirname(path), () => check());
+    const onExit = () => {
+      watcher.close();
+      reject(new Error(`the command exited before ${path} appeared`));
+    };
+    const check = () => {
+      if (!existsSync(path) || (size !== undefined && statSync(path).size !== size)) return;
+      child.kill('SIGSTOP');
+      watcher.close();
+      child.off('exit', onExit);
+      resolve();
+    };
+    child.once('exit', onExit);
+    check();
+  });
+}
+
 describe('restore targets that cannot be written', () => {
   let d: Deployment;
   let disk: string;
+  let big: string;
   let pointId: number;
   const env = () => ({ TIDEMARK_TOKEN: d.restoreToken });
   const restore = (args: string[]) => collectGuarded(spawnCli('restore', args, env()));
@@ -30,8 +53,10 @@ describe('restore targets that cannot be written', () => {
     d = await Deployment.start();
     await d.enroll(HOST);
     disk = join(d.root, 'kappa.img');
+    big = join(d.root, 'kappa-big.img');
     await writeMixedImage(disk, 4 * MiB, 31);
-    pointId = (await d.syncOnce(HOST, [disk])).pointId;
+    await writeMixedImage(big, 64 * MiB, 32); // long enough a restore to stop it halfway
+    pointId = (await d.syncOnce(HOST, [disk, big])).pointId;
   });
   after(() => d?.close());
 
@@ -78,4 +103,45 @@ describe('restore targets that cannot be written', () => {
     assert.match(oneLine(run), new RegExp(`cannot write ${file}: .* choose another --scratch$`));
     assert.deepEqual(readdirSync(d.root).filter((name) => name.startsWith('tidemark-drill-')), []);
   });
+
+  it('a partial file of another run: disk and export refuse with exit 10 naming it, and leave it alone', async () => {
+    for (const [to, args] of [[join(d.root, 'busy.img'), diskArgs], [join(d.root, 'busy.tar'), exportArgs]] as const) {
+      writeFileSync(`${to}.partial`, 'another run writes here');
+      const run = await restore(args(to));
+      assert.equal(run.code, 10, run.stderr);
+      assert.equal(oneLine(run), `tidemark-restore: ${to}.partial exists: another restore to ${to} is running, or one was interrupted; ` +
+        `if none is running, remove ${to}.partial and retry`);
+      assert.equal(readFileSync(`${to}.partial`, 'utf8'), 'another run writes here');
+      assert.equal(existsSync(to), false);
+    }
+  });
+
+  it('a --to that appears while the restore runs is not replaced: exit 10, and no partial file left', async () => {
+    const to = join(d.root, 'appeared.img');
+    const child = spawnCli('restore', ['disk', ...d.restoreArgs(HOST), '--disk', big, '--point', String(pointId), '--to', to], env());
+    const result = collectGuarded(child);
+    await stopWhenCreated(child, `${to}.partial`);
+    writeFileSync(to, 'another run finished first');
+    child.kill('SIGCONT');
+    const run = await result;
+    assert.equal(run.code, 10, run.stderr);
+    assert.match(oneLine(run), new RegExp(`${to} appeared while this restore ran .* remove it or choose another --to$`));
+    assert.equal(readFileSync(to, 'utf8'), 'another run finished first');
+    assert.equal(existsSync(`${to}.partial`), false);
+  });
+
+  for (const signal of ['SIGINT', 'SIGTERM'] as const) {
+    it(`${signal} during a disk restore removes its partial file`, async () => {
+      const to = join(d.root, `interrupted-${signal}.img`);
+      const child = spawnCli('restore', ['disk', ...d.restoreArgs(HOST), '--disk', big, '--point', String(pointId), '--to', to], env());
+      const result = collectGuarded(child);
+      await stopWhenCreated(child, `${to}.partial`, 64 * MiB); // sized: the restore is under way
+      child.kill(signal); // delivered once it runs again
+      child.kill('SIGCONT');
+      const run = await result;
+      assert.equal(run.signal, signal, `ended by ${signal}: ${run.stderr}`);
+      assert.equal(existsSync(`${to}.partial`), false, 'partial file removed');
+      assert.equal(existsSync(to), false);
+    });
+  }
 });
