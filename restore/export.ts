@@ -104,14 +104,15 @@ async function writeTar(conn: ReceiverConnection, keys: VaultKeys, point: PointI
     await writeEntry(pack, { name: MANIFEST_NAME, size: manifestBytes.length, mode: 0o600, mtime }, [manifestBytes]);
     pack.finalize();
     await writing;
+    reporter.report(progress, true);
   } catch (err) {
     pack.destroy(err as Error);
     // A failed output (disk full, a closed pipe) shows up here as a destroyed entry: name the cause.
     if (outputError) throw outputFailure(outputError, to === '-' ? 'stdout' : to);
     throw err;
+  } finally {
+    reporter.done(); // also before an error, which would otherwise continue the progress line
   }
-  reporter.report(progress, true);
-  reporter.done();
   const bytesWritten = manifest.disks.reduce((sum, d) => sum + d.sizeBytes, 0);
   return { point: point.id, host: point.host, to, bytesWritten, bytesFetched: stats.bytesFetched, manifest };
 }

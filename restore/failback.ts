@@ -77,11 +77,11 @@ export async function failbackDisk(conn: ReceiverConnection, keys: VaultKeys, po
     } finally {
       await file.close();
     }
+    reporter.report(progress, true);
   } finally {
+    reporter.done(); // also before an error, which would otherwise continue the progress line
     await Promise.all([reader.close(), pool.close()]);
   }
-  reporter.report(progress, true);
-  reporter.done();
   return result;
 }
 

@@ -71,7 +71,8 @@ export class ProgressReporter {
     else if (process.stderr.isTTY) process.stderr.write(`\r\x1b[K${Progress.format(snapshot)}`);
   }
 
+  /** Ends the progress line, if one was written. */
   done(): void {
-    if (!this.json && process.stderr.isTTY) process.stderr.write('\n');
+    if (!this.json && process.stderr.isTTY && this.lastMs > 0) process.stderr.write('\n');
   }
 }
