@@ -23,6 +23,8 @@ import { targetError } from './target-file.js';
 export const IMAGE_PLACEHOLDER = '{image}';
 /** How much of a check's output (stdout and stderr, interleaved) the report keeps: the end. */
 const OUTPUT_TAIL_CHARS = 4096;
+/** How long the output pipes may stay open after the check's group was killed (a process that left it holds them). */
+const PIPE_DRAIN_MS = 1000;
 /** Secrets of this process that a check command has no business seeing. */
 const WITHHELD_ENV = ['TIDEMARK_PASSPHRASE', 'TIDEMARK_PASSPHRASE_FILE', 'TIDEMARK_TOKEN'];
 
@@ -91,7 +93,7 @@ export async function drillPoint(conn: ReceiverConnection, keys: VaultKeys, poin
         running = check;
         const outcome = await check.done;
         running = undefined;
-        results.push({ name: disk.name, passed: outcome.exitCode === 0, ...outcome });
+        results.push({ name: disk.name, passed: outcome.exitCode === 0 && !outcome.timedOut, ...outcome });
         await rm(image, { force: true }); // one image at a time in the scratch directory
       }
       return {
@@ -141,10 +143,18 @@ function runCheck(command: string, cwd: string, env: Record<string, string>, tim
       clearTimeout(timer);
       reject(new TidemarkError('E_INTERNAL', `cannot run the check: ${err.message}`, { cause: err }));
     });
-    child.once('close', (exitCode, signal) => {
+    // Done when the check exits, not when its output closes: a process it left in the
+    // background may hold stdout open. Its group is killed then: nothing outlives the drill.
+    child.once('exit', (exitCode, signal) => {
       clearTimeout(timer);
-      if (timedOut) output += `\n[tidemark: check killed after ${Math.round(timeoutMs / 1000)} s (--check-timeout)]`;
-      resolvePromise({ exitCode, signal, timedOut, output: output.slice(-OUTPUT_TAIL_CHARS) });
+      kill();
+      // The output written until then is still to be read; a process that left the group may hold the pipes.
+      const escaped = setTimeout(() => [child.stdout!, child.stderr!].forEach((pipe) => pipe.destroy()), PIPE_DRAIN_MS);
+      child.once('close', () => {
+        clearTimeout(escaped);
+        if (timedOut) output += `\n[tidemark: check killed after ${Math.round(timeoutMs / 1000)} s (--check-timeout)]`;
+        resolvePromise({ exitCode, signal, timedOut, output: output.slice(-OUTPUT_TAIL_CHARS) });
+      });
     });
   });
   return { kill, done };

@@ -278,6 +278,23 @@ describe('restore modes', () => {
       assert.deepEqual(readdirSync(scratch), []);
     });
 
+    it('a check that exits 0 and leaves a process holding its output passes at its exit; the process is killed', async () => {
+      const scratch = join(d.root, 'scratch-background');
+      mkdirSync(scratch);
+      const marker = `sleep ${400 + (process.pid % 97)}`; // a command line no other process has
+      const run = await restore(['drill', ...d.restoreArgs(HOST), '--point', String(point1), '--disk', ext4,
+        '--check', `(${marker} &); echo checked {image}`, '--check-timeout', '2s', '--scratch', scratch, '--json']);
+      assert.equal(run.code, 0, run.stderr);
+      const result = JSON.parse(run.stdout);
+      assert.equal(result.passed, true);
+      assert.equal(result.disks[0].exitCode, 0);
+      assert.equal(result.disks[0].timedOut, false, 'the drill did not wait for the background process');
+      assert.match(result.disks[0].output, /^checked .*ext4\.img$/m);
+      const left = execFileSync('ps', ['-eo', 'args'], { encoding: 'utf8' }).split('\n').filter((line) => line.trim() === marker);
+      assert.deepEqual(left, [], 'the background process was killed with the check');
+      assert.deepEqual(readdirSync(scratch), []);
+    });
+
     it('refuses a check without {image}', async () => {
       const run = await restore(['drill', ...d.restoreArgs(HOST), '--point', String(point1), '--check', 'false']);
       assert.equal(run.code, 2, run.stderr);
