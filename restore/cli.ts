@@ -67,19 +67,36 @@ function pointJson(p: PointInfo) {
   };
 }
 
-/** --point ID, or --at TIME: the newest point at or before TIME. */
-function choosePoint(points: PointInfo[], opts: { point?: string; at?: string; host?: string }): PointInfo {
+/** ISO-8601 as --at takes it: a date, or a date and time with an optional zone (Date.parse alone takes "1" for 2001). */
+const ISO_8601 = /^\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?$/;
+
+/** Exactly one of --point ID and --at TIME, well formed: checked before connecting. */
+function checkPointOptions(opts: PointOptions): void {
   if ((opts.point === undefined) === (opts.at === undefined)) throw new TidemarkError('E_USAGE', 'choose a point with exactly one of --point ID or --at TIME');
+  if (opts.point !== undefined && !/^\d+$/.test(opts.point)) {
+    throw new TidemarkError('E_USAGE', `invalid --point "${opts.point}": use a point id (a whole number) as tidemark-restore points lists them`);
+  }
+  if (opts.at !== undefined && (!ISO_8601.test(opts.at) || Number.isNaN(Date.parse(opts.at)))) {
+    throw new TidemarkError('E_USAGE', `invalid --at "${opts.at}": use an ISO-8601 time such as 2026-11-21T10:00:00Z (or a date, 2026-11-21)`);
+  }
+}
+
+/**
+ * --point ID, or --at TIME: the newest point at or before TIME; with `disk`, the newest
+ * that has that disk (a cycle may have run with fewer --disk).
+ */
+function choosePoint(points: PointInfo[], opts: { point?: string; at?: string; host?: string }, disk?: string): PointInfo {
+  checkPointOptions(opts);
   if (opts.point !== undefined) {
     const found = points.find((p) => String(p.id) === opts.point);
     if (!found) throw new TidemarkError('E_NOT_FOUND', `no point ${opts.point} for host ${opts.host}; list them with tidemark-restore points`);
     return found;
   }
   const atMs = Date.parse(opts.at!);
-  if (Number.isNaN(atMs)) throw new TidemarkError('E_USAGE', `invalid --at "${opts.at}": use an ISO-8601 time such as 2026-11-21T10:00:00Z`);
+  const candidates = disk === undefined ? points : points.filter((p) => p.disks.some((d) => d.name === disk));
   // Newest by cut time (a later point wins a tie), whatever order the ids are in.
-  const found = points.filter((p) => p.timeMs <= atMs).reduce<PointInfo | undefined>((best, p) => (!best || p.timeMs >= best.timeMs ? p : best), undefined);
-  if (!found) throw new TidemarkError('E_NOT_FOUND', `host ${opts.host} has no point at or before ${new Date(atMs).toISOString()}`);
+  const found = candidates.filter((p) => p.timeMs <= atMs).reduce<PointInfo | undefined>((best, p) => (!best || p.timeMs >= best.timeMs ? p : best), undefined);
+  if (!found) throw new TidemarkError('E_NOT_FOUND', `host ${opts.host} has no point ${disk === undefined ? '' : `with disk ${disk} `}at or before ${new Date(atMs).toISOString()}`);
   return found;
 }
 
@@ -91,12 +108,12 @@ interface PointOptions {
 function withPointOptions(cmd: Command): Command {
   return cmd
     .option('--point <id>', 'point id')
-    .option('--at <time>', 'newest point at or before this time (ISO-8601)');
+    .option('--at <time>', 'newest point at or before this time (ISO-8601, e.g. 2026-11-21T10:00:00Z; without a zone: local time)');
 }
 
-/** The host's point named by --point or --at (the one selection every restore mode uses). */
-async function selectPoint(conn: ReceiverConnection, opts: ConnectOptions & PointOptions): Promise<PointInfo> {
-  return choosePoint(await listPoints(conn, opts.host!), opts);
+/** The host's point named by --point or --at (the one selection every restore mode uses); `disk`: one it must have. */
+async function selectPoint(conn: ReceiverConnection, opts: ConnectOptions & PointOptions, disk?: string): Promise<PointInfo> {
+  return choosePoint(await listPoints(conn, opts.host!), opts, disk);
 }
 
 function requireHost(opts: ConnectOptions, what: string): void {
@@ -126,9 +143,10 @@ withPointOptions(withConnectOptions(program.command('disk').description('restore
   .option('--failback', 'update an existing disk in place: compare every block, fetch and write only those that differ')
   .action(async (opts: ConnectOptions & PointOptions & { disk: string; to: string; failback?: boolean }) => {
     requireHost(opts, 'disk to restore');
+    checkPointOptions(opts);
     const { conn, keys } = await connect(opts);
     try {
-      const point = await selectPoint(conn, opts);
+      const point = await selectPoint(conn, opts, opts.disk);
       // Progress goes to a TTY on stderr only: with --json, stdout carries one document.
       const result = opts.failback
         ? await failbackDisk(conn, keys, point, opts.disk, opts.to)
@@ -146,6 +164,7 @@ withPointOptions(withConnectOptions(program.command('export').description('write
   .requiredOption('--to <file>', 'tar file to create, or - for stdout')
   .action(async (opts: ConnectOptions & PointOptions & { to: string }) => {
     requireHost(opts, 'point to export');
+    checkPointOptions(opts);
     if (opts.to === '-' && opts.json) throw new TidemarkError('E_USAGE', '--json needs --to FILE: with --to - stdout carries the tar');
     const { conn, keys } = await connect(opts);
     try {
@@ -166,11 +185,12 @@ withPointOptions(withConnectOptions(program.command('drill').description('restor
   .option('--check-timeout <duration>', 'kill a check still running after this long; it fails', '1h')
   .action(async (opts: ConnectOptions & PointOptions & { check: string; disk?: string; scratch?: string; checkTimeout: string }) => {
     requireHost(opts, 'point to drill');
+    checkPointOptions(opts);
     const checkTimeoutMs = parseDurationMs(opts.checkTimeout);
     const { conn, keys } = await connect(opts);
     let result;
     try {
-      result = await drillPoint(conn, keys, await selectPoint(conn, opts), { ...opts, checkTimeoutMs });
+      result = await drillPoint(conn, keys, await selectPoint(conn, opts, opts.disk), { ...opts, checkTimeoutMs });
     } finally {
       conn.close();
     }

@@ -46,6 +46,7 @@ describe('restore targets that cannot be written', () => {
   let disk: string;
   let big: string;
   let pointId: number;
+  let newerPointId: number;
   const env = () => ({ TIDEMARK_TOKEN: d.restoreToken });
   const restore = (args: string[]) => collectGuarded(spawnCli('restore', args, env()));
 
@@ -57,6 +58,7 @@ describe('restore targets that cannot be written', () => {
     await writeMixedImage(disk, 4 * MiB, 31);
     await writeMixedImage(big, 64 * MiB, 32); // long enough a restore to stop it halfway
     pointId = (await d.syncOnce(HOST, [disk, big])).pointId;
+    newerPointId = (await d.syncOnce(HOST, [disk])).pointId; // a cycle run with fewer --disk: no `big`
   });
   after(() => d?.close());
 
@@ -144,4 +146,25 @@ describe('restore targets that cannot be written', () => {
       assert.equal(existsSync(to), false);
     });
   }
+
+  it('--at picks, for disk, the newest point at or before it that has the disk', async () => {
+    const to = join(d.root, 'at-big.img');
+    const run = await restore(['disk', ...d.restoreArgs(HOST), '--disk', big, '--at', new Date().toISOString(), '--to', to, '--json']);
+    assert.equal(run.code, 0, run.stderr);
+    assert.ok(newerPointId > pointId);
+    assert.equal(JSON.parse(run.stdout).point, pointId, `point ${newerPointId} has no ${big}`);
+  });
+
+  it('--at that is not ISO-8601 and --point that is not an id are usage errors (exit 2)', async () => {
+    const to = join(d.root, 'never.img');
+    for (const choice of [['--at', '1'], ['--at', 'yesterday'], ['--at', '2026-13-45'], ['--point', 'abc'], ['--point', '1.5']]) {
+      for (const mode of ['disk', 'export', 'drill']) {
+        const args = mode === 'disk' ? ['--disk', disk, '--to', to] : mode === 'export' ? ['--to', to] : ['--check', 'true {image}'];
+        const run = await restore([mode, ...d.restoreArgs(HOST), ...choice, ...args]);
+        assert.equal(run.code, 2, `${mode} ${choice.join(' ')}: ${run.stderr}`);
+        assert.match(oneLine(run), new RegExp(`^tidemark-restore: invalid ${choice[0]} "${choice[1]}": use `));
+      }
+    }
+    assert.equal(existsSync(to), false);
+  });
 });
