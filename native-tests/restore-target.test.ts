@@ -59,7 +59,10 @@ describe('restore targets this host cannot write', { skip }, () => {
   });
   after(async () => {
     for (const dir of mounts) execFileSync('umount', [dir]);
-    for (const device of devices) execFileSync('losetup', ['-d', device]);
+    for (const device of devices) {
+      execFileSync('blockdev', ['--setrw', device]); // the flag outlives losetup -d: the next user of the device would get it
+      execFileSync('losetup', ['-d', device]);
+    }
     await d?.close();
   });
 
