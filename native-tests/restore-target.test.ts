@@ -8,7 +8,7 @@ import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
 import { mkdirSync, readdirSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
-import { Deployment, collectGuarded, spawnCli, type CliResult } from '../test/harness.js';
+import { Deployment, attachLoop, collectGuarded, spawnCli, type CliResult } from '../test/harness.js';
 import { writeMixedImage } from '../test/fixtures.js';
 
 const MiB = 1024 * 1024;
@@ -85,7 +85,7 @@ describe('restore targets this host cannot write', { skip }, () => {
     const backing = join(d.root, 'ro-device.img');
     writeFileSync(backing, '');
     truncateSync(backing, 8 * MiB);
-    const device = execFileSync('losetup', ['-f', '--show', backing], { encoding: 'utf8' }).trim();
+    const device = attachLoop(backing);
     devices.push(device);
     execFileSync('blockdev', ['--setro', device]);
     const run = await restore(['disk', ...d.restoreArgs(HOST), ...point(), '--disk', disk, '--to', device]);
