@@ -70,13 +70,20 @@ function pointJson(p: PointInfo) {
 /** ISO-8601 as --at takes it: a date, or a date and time with an optional zone (Date.parse alone takes "1" for 2001). */
 const ISO_8601 = /^\d{4}-\d{2}-\d{2}(?:T\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?(?:Z|[+-]\d{2}:?\d{2})?)?$/;
 
+/** YYYY-MM-DD names a day of the calendar (Date.parse takes 2026-02-30 for 2 March). */
+function isCalendarDate(ymd: string): boolean {
+  const [y, m, d] = ymd.split('-').map(Number) as [number, number, number];
+  const day = new Date(Date.UTC(y, m - 1, d));
+  return day.getUTCFullYear() === y && day.getUTCMonth() === m - 1 && day.getUTCDate() === d;
+}
+
 /** Exactly one of --point ID and --at TIME, well formed: checked before connecting. */
 function checkPointOptions(opts: PointOptions): void {
   if ((opts.point === undefined) === (opts.at === undefined)) throw new TidemarkError('E_USAGE', 'choose a point with exactly one of --point ID or --at TIME');
   if (opts.point !== undefined && !/^\d+$/.test(opts.point)) {
     throw new TidemarkError('E_USAGE', `invalid --point "${opts.point}": use a point id (a whole number) as tidemark-restore points lists them`);
   }
-  if (opts.at !== undefined && (!ISO_8601.test(opts.at) || Number.isNaN(Date.parse(opts.at)))) {
+  if (opts.at !== undefined && (!ISO_8601.test(opts.at) || Number.isNaN(Date.parse(opts.at)) || !isCalendarDate(opts.at.slice(0, 10)))) {
     throw new TidemarkError('E_USAGE', `invalid --at "${opts.at}": use an ISO-8601 time such as 2026-11-21T10:00:00Z (or a date, 2026-11-21)`);
   }
 }

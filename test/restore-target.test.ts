@@ -157,7 +157,7 @@ describe('restore targets that cannot be written', () => {
 
   it('--at that is not ISO-8601 and --point that is not an id are usage errors (exit 2)', async () => {
     const to = join(d.root, 'never.img');
-    for (const choice of [['--at', '1'], ['--at', 'yesterday'], ['--at', '2026-13-45'], ['--point', 'abc'], ['--point', '1.5']]) {
+    for (const choice of [['--at', '1'], ['--at', 'yesterday'], ['--at', '2026-13-45'], ['--at', '2026-02-30T10:00:00Z'], ['--point', 'abc'], ['--point', '1.5']]) {
       for (const mode of ['disk', 'export', 'drill']) {
         const args = mode === 'disk' ? ['--disk', disk, '--to', to] : mode === 'export' ? ['--to', to] : ['--check', 'true {image}'];
         const run = await restore([mode, ...d.restoreArgs(HOST), ...choice, ...args]);
