@@ -4,7 +4,7 @@ import { resolve } from 'node:path';
 import { z } from 'zod';
 import { Command, Option } from 'commander';
 import { VaultKeys } from '../shared/chunk-crypto.js';
-import { TidemarkError, asTidemarkError } from '../shared/errors.js';
+import { TidemarkError, asTidemarkError, settingsProblem } from '../shared/errors.js';
 import { openKeyFile } from '../shared/keyfile.js';
 import { createLogger } from '../shared/log.js';
 import { MAX_BLOCK_BYTES, MIN_BLOCK_BYTES } from '../shared/protocol.js';
@@ -139,7 +139,7 @@ function withConfig(flags: RunFlags) {
     try {
       config = runConfigSchema.parse(JSON.parse(readFileSync(flags.config, 'utf8')));
     } catch (err) {
-      throw new TidemarkError('E_USAGE', `invalid --config ${flags.config}: ${(err as Error).message.split('\n')[0]}; see deploy/agent.example.json`);
+      throw new TidemarkError('E_USAGE', `invalid --config ${flags.config}: ${settingsProblem(err)}; see deploy/agent.example.json`);
     }
   }
   const state = flags.state ?? config.state;

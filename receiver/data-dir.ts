@@ -12,7 +12,7 @@ import { z } from 'zod';
 import { X509Certificate } from 'node:crypto';
 import { join } from 'node:path';
 import { generate } from 'selfsigned';
-import { TidemarkError } from '../shared/errors.js';
+import { TidemarkError, settingsProblem } from '../shared/errors.js';
 import { writeFileDurable } from '../shared/fs-util.js';
 import { Catalog } from './catalog.js';
 import { parsePolicyOverrides, type PolicyOverrides } from './retention.js';
@@ -116,7 +116,7 @@ function readConfig(path: string): ReceiverConfig {
     const parsed = configSchema.parse(JSON.parse(readFileSync(path, 'utf8')));
     return { retention: parsePolicyOverrides(parsed.retention), pruneInterval: parsed.pruneInterval };
   } catch (err) {
-    throw new TidemarkError('E_USAGE', `invalid ${path}: ${(err as Error).message.split('\n')[0]}; expected {"retention": {"keepWithin": "1h", "keepHourly": 24, "keepDaily": 7, "keepWeekly": 0}, "pruneInterval": "1h"}`);
+    throw new TidemarkError('E_USAGE', `invalid ${path}: ${settingsProblem(err)}; expected {"retention": {"keepWithin": "1h", "keepHourly": 24, "keepDaily": 7, "keepWeekly": 0}, "pruneInterval": "1h"}`);
   }
 }
 

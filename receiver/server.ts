@@ -9,7 +9,7 @@ import type { AddressInfo } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { WebSocketServer, type WebSocket } from 'ws';
 import type { Logger } from '../shared/log.js';
-import { ENROLL_PATH, MAX_FRAME_BYTES, PROTOCOL_HEADER, PROTOCOL_VERSION, SESSION_PATH } from '../shared/protocol.js';
+import { CLOSE_REVOKED, ENROLL_PATH, MAX_FRAME_BYTES, PROTOCOL_HEADER, PROTOCOL_VERSION, SESSION_PATH } from '../shared/protocol.js';
 import { Catalog, type Principal } from './catalog.js';
 import { UPGRADE_TIMEOUT_MS, UpgradeGate } from './admission.js';
 import { acquireServeLock, type DataDir } from './data-dir.js';
@@ -19,7 +19,6 @@ import { Session } from './session.js';
 
 const HEARTBEAT_MS = 15_000;
 /** WebSocket close code (application range) for a session whose credential was revoked or expired. */
-const CLOSE_REVOKED = 4401;
 /** The receiver CLI (receiver/cli.ts, compiled beside this module): scheduled prunes run its `prune`. */
 const RECEIVER_CLI = fileURLToPath(new URL('./cli.js', import.meta.url));
 

@@ -10,9 +10,9 @@ export const EXIT_STDOUT_CLOSED = 128 + 13;
 
 export async function runCli(program: Command, argv = process.argv): Promise<void> {
   // Node ignores SIGPIPE, so a closed stdout would be an unhandled EPIPE with a stack trace.
+  // Other errors are the writer's to report (export --to - ends its pipeline with the cause).
   process.stdout.on('error', (err: NodeJS.ErrnoException) => {
-    if (err.code !== 'EPIPE') throw err;
-    process.exit(EXIT_STDOUT_CLOSED);
+    if (err.code === 'EPIPE') process.exit(EXIT_STDOUT_CLOSED);
   });
   // Commander's own errors (unknown or missing options, conflicts) are usage errors, exit 2, in every
   // subcommand: the settings are not inherited by commands created before they are made.

@@ -7,7 +7,7 @@ import WebSocket from 'ws';
 import { TidemarkError, asTidemarkError } from './errors.js';
 import { FrameRing } from './frame-ring.js';
 import {
-  MAX_FRAME_BYTES, PROTOCOL_HEADER, PROTOCOL_VERSION,
+  CLOSE_REVOKED, MAX_FRAME_BYTES, PROTOCOL_HEADER, PROTOCOL_VERSION,
   chunkPutFrame, decodeReply, encodeFrame, parseReply, type ReceiverFeature, type Reply, type RequestBody, type RequestType,
 } from './protocol.js';
 
@@ -108,7 +108,11 @@ export class ReceiverConnection {
     ws.on('pong', () => this.alive());
     ws.on('ping', () => this.alive());
     ws.on('close', (code: number, reason: Buffer) => {
-      this.failAll(new TidemarkError('E_UNREACHABLE', `connection to receiver closed (${code}${reason.length ? `: ${reason.toString()}` : ''})`));
+      const why = `${code}${reason.length ? `: ${reason.toString()}` : ''}`;
+      // Revoked is not a network problem: retrying cannot help, and scripts must tell them apart (exit 6, not 4).
+      this.failAll(code === CLOSE_REVOKED
+        ? new TidemarkError('E_AUTH', `the receiver closed the session (${why}); ask its operator for a new token or credential`)
+        : new TidemarkError('E_UNREACHABLE', `connection to receiver closed (${why})`));
     });
     ws.on('error', (err) => this.failAll(asTidemarkError(err)));
     this.heartbeat = setInterval(() => this.checkAlive(heartbeatMs), heartbeatMs).unref();

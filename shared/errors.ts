@@ -109,3 +109,14 @@ export function asTidemarkError(err: unknown, context: ErrorContext = {}): Tidem
   }
   return new TidemarkError('E_INTERNAL', message, { cause: err });
 }
+
+/**
+ * What is wrong with a settings file, in one line: a ZodError's message is a multi-line
+ * JSON list of issues, so its first issue as "key: problem"; else the first line.
+ */
+export function settingsProblem(err: unknown): string {
+  const issues = (err as { issues?: Array<{ path: Array<string | number>; message: string }> }).issues;
+  const issue = Array.isArray(issues) ? issues[0] : undefined;
+  if (issue) return `${issue.path.length > 0 ? `${issue.path.join('.')}: ` : ''}${issue.message}`;
+  return (err instanceof Error ? err.message : String(err)).split('\n')[0]!;
+}

@@ -31,6 +31,8 @@ export type ReceiverFeature = (typeof RECEIVER_FEATURES)[number];
 /** A chunks.get reply carries at most this many envelope bytes (and at least one envelope), so it always fits a frame. */
 export const MAX_GET_REPLY_BYTES = MAX_BLOCK_BYTES + CHUNK_OVERHEAD_BYTES;
 export const MAX_REASON_CHARS = 1000;
+/** WebSocket close code of a session whose credential or token was revoked or expired (SPEC §3.7). */
+export const CLOSE_REVOKED = 4401;
 /** The states of a protected host (DESIGN §1), as the agent reports them. */
 export const HOST_STATES = ['Initialized', 'Scanning', 'InitialSync', 'Replicating', 'Resyncing', 'Error'] as const;
 export type HostState = (typeof HOST_STATES)[number];

@@ -2,7 +2,7 @@
 // code; the receiver stays up and committed data stays intact.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { readFileSync, symlinkSync } from 'node:fs';
+import { readFileSync, rmSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import WebSocket from 'ws';
 import { connectPinned } from '../shared/connection.js';
@@ -87,6 +87,28 @@ describe('bad input', () => {
       const r = await runCli(tool, args);
       assert.equal(r.code, 2, `${tool} ${args.join(' ')}: ${r.stderr}`);
       assert.match(oneLine(r.stderr), message);
+    }
+  });
+
+  it('a settings file with a wrong key or value: exit 2, one line naming the key', async () => {
+    const config = join(d.root, 'agent-config.json');
+    for (const [settings, message] of [
+      [{ state, disks: [disk], intervall: '1h' }, /invalid --config .*: Unrecognized key.*intervall.*; see deploy/],
+      [{ state, disks: [disk], tracker: 'kernel' }, /invalid --config .*: tracker: \S/],
+    ] as const) {
+      writeFileSync(config, JSON.stringify(settings));
+      const r = await runCli('agent', ['run', '--once', '--config', config]);
+      assert.equal(r.code, 2, r.stderr);
+      assert.match(oneLine(r.stderr), message);
+    }
+    const receiverConfig = join(d.receiver.dataDir, 'config.json');
+    writeFileSync(receiverConfig, JSON.stringify({ retention: { keepHourly: 'many' } }));
+    try {
+      const r = await runCli('receiver', ['status', '--data', d.receiver.dataDir]);
+      assert.equal(r.code, 2, r.stderr);
+      assert.match(oneLine(r.stderr), /config\.json: (retention\.)?keepHourly: .*number.*; expected/i);
+    } finally {
+      rmSync(receiverConfig);
     }
   });
 

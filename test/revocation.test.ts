@@ -108,7 +108,8 @@ describe('revocation and re-enrollment', () => {
       const deadline = Date.now() + 20_000;
       while (conn.isOpen && Date.now() < deadline) await new Promise((r) => setTimeout(r, 200));
       assert.ok(!conn.isOpen, 'the receiver closed the session within a heartbeat of the revocation');
-      await assert.rejects(conn.request('points.list', { host: null, afterId: null }), /4401: credential revoked/);
+      // Not "unreachable" (exit 4, retryable): a script must see that retrying cannot help.
+      await assert.rejects(conn.request('points.list', { host: null, afterId: null }), { code: 'E_AUTH', message: /4401: credential revoked/ });
     } finally {
       conn.close();
     }
