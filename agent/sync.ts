@@ -25,8 +25,12 @@ import { HashFile, type AgentState, type DiskRecord } from './state.js';
 import { reportStatus } from './status-report.js';
 
 const MAX_PASSES = 3;
-/** A cycle can lose a race with the receiver's garbage collection (SPEC §5.4); a few tries always win it. */
-const MAX_ATTEMPTS = 3;
+/**
+ * A cycle can lose a race with the receiver's garbage collection (SPEC §5.4): each prune
+ * during a long sync may cost the batch in flight. A few tries in a row that get nowhere
+ * end it; one that moved the resume watermark starts the count again.
+ */
+const MAX_FRUITLESS_ATTEMPTS = 3;
 const READ_BATCH_BYTES = 4 * 1024 * 1024;
 /** Batches read beyond one per worker: keeps the workers fed while a batch waits for the receiver's dedup answer; each costs a slab of memory. */
 const READ_AHEAD_BATCHES = 1;
@@ -105,12 +109,18 @@ export async function openSession(state: AgentState, keys: VaultKeys, bytesPerSe
 export async function syncOnce(opts: SyncOptions): Promise<SyncResult> {
   const pool = opts.pool ?? new BlockPool(opts.keys);
   try {
-    for (let attempt = 1; ; attempt++) {
+    const progress = () => opts.diskPaths.map((path) => opts.state.disk(path)?.watermark ?? 0).join();
+    for (let fruitless = 0; ;) {
+      const before = progress();
       try {
         return await syncAttempt(opts, pool);
       } catch (err) {
         // Prune collected a chunk between our query and its blocks.put: resuming the open point ships it again.
-        if (!(err instanceof TidemarkError && err.code === 'E_NOT_FOUND' && err.retryable) || attempt >= MAX_ATTEMPTS) throw err;
+        if (!(err instanceof TidemarkError && err.code === 'E_NOT_FOUND' && err.retryable)) throw err;
+        fruitless = progress() === before ? fruitless + 1 : 1;
+        if (fruitless >= MAX_FRUITLESS_ATTEMPTS) {
+          throw new TidemarkError('E_NOT_FOUND', `${err.message} (the receiver's garbage collection removed chunks of ${fruitless} tries in a row; run again)`, { cause: err });
+        }
         opts.log.info({ reason: err.message }, 'a chunk was collected by the receiver during the sync; resuming');
       }
     }
