@@ -4,7 +4,8 @@
 // the agent resumes its open point, shipping the chunk again, instead of
 // failing the sync. The race is forced: a real `tidemark-receiver prune` runs
 // beside `serve` right before the first `blocks.put` of the agent's real
-// session goes out (the only thing this test changes is that timing).
+// session goes out (the only thing this test changes is that timing); in the
+// second test, before every blocks.put of a session but its first.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { randomBytes } from 'node:crypto';
@@ -20,6 +21,8 @@ import { vaultKeys } from './point-check.js';
 
 const BLOCK = 64 * 1024;
 const BLOCKS = 16;
+/** Blocks in one of the agent's 4 MiB read batches. */
+const BATCH_BLOCKS = (4 * 1024 * 1024) / BLOCK;
 
 describe('garbage collection racing a sync', () => {
   let d: Deployment;
@@ -56,6 +59,37 @@ describe('garbage collection racing a sync', () => {
       assert.equal(point.id, result.pointId);
       const out = join(d.root, 'gamma-restored.img');
       await d.restore('gamma', disk, point.id, out);
+      assert.equal(await sha256File(out), await sha256File(disk));
+    } finally {
+      ReceiverConnection.prototype.send = originalSend;
+      state.close();
+    }
+  });
+
+  // A long initial sync sees several prunes (serve's schedule): each may cost the batch in flight.
+  it('a sync that prunes interrupt again and again, gaining ground each time, finishes', async () => {
+    const state = AgentState.open(await d.enroll('delta'), { mustBeEnrolled: true });
+    const disk = join(d.root, 'delta.img');
+    writeFileSync(disk, randomBytes(5 * BATCH_BLOCKS * BLOCK)); // five read batches
+    const putsBySession = new Map<ReceiverConnection, number>();
+    let prunes = 0;
+    // In every session, a prune right before each blocks.put but the first: the session stages its
+    // first batch, then loses the chunks of the others, as when prunes land all through a long sync.
+    ReceiverConnection.prototype.send = async function (this: ReceiverConnection, type: any, body: any) {
+      if (type === 'blocks.put') {
+        const puts = (putsBySession.get(this) ?? 0) + 1;
+        putsBySession.set(this, puts);
+        if (puts > 1 && (await runJson('receiver', ['prune', '--data', d.receiver.dataDir, '--json'])).chunksFreed > 0) prunes++;
+      }
+      return originalSend.call(this, type, body);
+    } as typeof originalSend;
+    try {
+      const result = await syncOnce({
+        state, keys: vaultKeys(d.keyFile), diskPaths: [disk], blockBytes: BLOCK, bytesPerSecond: 0, json: false, log: createLogger('test', 'warn'),
+      });
+      assert.ok(prunes >= 3, `prunes collected chunks of ${prunes} tries`);
+      const out = join(d.root, 'delta-restored.img');
+      await d.restore('delta', disk, result.pointId, out);
       assert.equal(await sha256File(out), await sha256File(disk));
     } finally {
       ReceiverConnection.prototype.send = originalSend;
