@@ -7,7 +7,7 @@
 // catalog points at the copy, and deleted only after. A SIGKILL anywhere
 // leaves every kept point whole; at worst a pack file nobody references,
 // which the next prune removes.
-import { closeSync, fsyncSync, openSync, readdirSync, readSync, rmSync, statSync } from 'node:fs';
+import { closeSync, fchownSync, fstatSync, fsyncSync, openSync, readdirSync, readSync, rmSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { TidemarkError } from '../shared/errors.js';
 import { fsyncDir, writeAllSync } from '../shared/fs-util.js';
@@ -141,6 +141,11 @@ function copyLiveEntries(catalog: Catalog, packId: number, fromPath: string, toP
   const from = openSync(fromPath, 'r');
   const to = openSync(toPath, 'wx', 0o600);
   try {
+    // A prune run by hand as root must not leave a pack the service's user cannot read.
+    if (process.getuid?.() === 0) {
+      const owner = fstatSync(from);
+      fchownSync(to, owner.uid, owner.gid);
+    }
     const header = Buffer.alloc(PACK_HEADER_BYTES);
     PACK_MAGIC.copy(header, 0);
     header[4] = PACK_VERSION;

@@ -2,7 +2,7 @@
 // real syncs, then back-dated in the catalog to stand for days of history.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFileSync, writeFileSync } from 'node:fs';
+import { chownSync, copyFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { destination, pino } from 'pino';
@@ -67,8 +67,14 @@ describe('prune', () => {
     const status = await d.receiver.status();
     assert.equal(status.hosts[0].pointSpace.length, 5);
 
+    // The packs belong to the service's user (here: nobody); the prune runs as root, by hand.
+    const asRoot = process.getuid?.() === 0;
+    const packFiles = () => readdirSync(join(d.receiver.dataDir, 'packs'), { recursive: true, encoding: 'utf8' }).filter((f) => f.endsWith('.pack'))
+      .map((f) => join(d.receiver.dataDir, 'packs', f));
+    if (asRoot) for (const f of packFiles()) chownSync(f, 65534, 65534);
     const report = await runJson('receiver', ['prune', '--data', d.receiver.dataDir, ...policy]);
     assert.equal(report.pointsDropped, 2);
+    if (asRoot) for (const f of packFiles()) assert.equal(statSync(f).uid, 65534, `${f} keeps the packs' owner`);
     assert.equal(report.bytesFreed, plan.bytesFreed, 'the dry run predicted the real prune');
     assert.ok(report.packsCompacted >= 1, 'the pack of the dropped initial sync was compacted');
     assert.ok(report.packBytesAfter < report.packBytesBefore, `pack bytes shrink (${report.packBytesBefore} → ${report.packBytesAfter})`);
