@@ -8,6 +8,7 @@ import type { Duplex } from 'node:stream';
 import type { AddressInfo } from 'node:net';
 import { fileURLToPath } from 'node:url';
 import { WebSocketServer, type WebSocket } from 'ws';
+import { TidemarkError } from '../shared/errors.js';
 import type { Logger } from '../shared/log.js';
 import { CLOSE_REVOKED, ENROLL_PATH, MAX_FRAME_BYTES, PROTOCOL_HEADER, PROTOCOL_VERSION, SESSION_PATH } from '../shared/protocol.js';
 import { Catalog, type Principal } from './catalog.js';
@@ -79,10 +80,16 @@ export class ReceiverServer {
       }
     });
     https.on('tlsClientError', (err) => log.debug({ err: err.message }, 'TLS handshake failed'));
-    await new Promise<void>((resolve, reject) => {
-      https.once('error', reject);
-      https.listen(port, host, () => resolve());
-    });
+    try {
+      await new Promise<void>((resolve, reject) => {
+        https.once('error', (err) => reject(listenError(err as NodeJS.ErrnoException, host, port)));
+        https.listen(port, host, () => resolve());
+      });
+    } catch (err) {
+      catalog.close();
+      releaseLock();
+      throw err;
+    }
     server.releaseLock = releaseLock;
     server.heartbeat = setInterval(() => server.beat(), HEARTBEAT_MS);
     if (schedule.intervalMs > 0) server.pruneTimer = setInterval(() => server.scheduledPrune(dataDir.root, schedule.policy), schedule.intervalMs);
@@ -228,4 +235,13 @@ const statusText: Record<number, string> = { 400: 'Bad Request', 401: 'Unauthori
 function refuse(socket: Duplex, status: number, message: string): void {
   const body = `${message}\n`;
   socket.end(`HTTP/1.1 ${status} ${statusText[status]}\r\nContent-Type: text/plain\r\nContent-Length: ${Buffer.byteLength(body)}\r\nConnection: close\r\n\r\n${body}`);
+}
+
+/** Why --listen HOST:PORT cannot be served, as a setting to change rather than a bug. */
+function listenError(err: NodeJS.ErrnoException, host: string, port: number): Error {
+  const at = `--listen ${host}:${port}`;
+  if (err.code === 'EADDRINUSE') return new TidemarkError('E_CONFLICT', `${at}: the address is in use (another serve or program listens there); stop it or choose another port`, { cause: err });
+  if (err.code === 'EADDRNOTAVAIL') return new TidemarkError('E_USAGE', `${at}: this host has no address ${host}; use one of its addresses, or 0.0.0.0`, { cause: err });
+  if (err.code === 'EACCES') return new TidemarkError('E_USAGE', `${at}: ports below 1024 need root or CAP_NET_BIND_SERVICE; choose a higher port`, { cause: err });
+  return err;
 }

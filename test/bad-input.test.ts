@@ -10,7 +10,7 @@ import { encodeFrame, MAX_FRAME_BYTES, PROTOCOL_HEADER, SESSION_PATH } from '../
 import { Packr } from 'msgpackr';
 import { VaultKeys } from '../shared/chunk-crypto.js';
 import { openKeyFile } from '../shared/keyfile.js';
-import { Deployment, PASSPHRASE, runCli, spawnCli } from './harness.js';
+import { Deployment, PASSPHRASE, runCli, runJson, spawnCli } from './harness.js';
 import { sha256File, writeMixedImage } from './fixtures.js';
 
 const MiB = 1024 * 1024;
@@ -109,6 +109,17 @@ describe('bad input', () => {
       assert.match(oneLine(r.stderr), /config\.json: (retention\.)?keepHourly: .*number.*; expected/i);
     } finally {
       rmSync(receiverConfig);
+    }
+  });
+
+  it('serve on an address in use: exit 10, one line naming --listen, also when tried again', async () => {
+    const port = new URL(d.receiver.url).port;
+    const data = join(d.root, 'second-receiver');
+    await runJson('receiver', ['init', '--data', data]);
+    const serve = () => runCli('receiver', ['serve', '--data', data, '--listen', `127.0.0.1:${port}`]);
+    for (const r of [await serve(), await serve()]) {
+      assert.equal(r.code, 10, r.stderr);
+      assert.match(oneLine(r.stderr), new RegExp(`--listen 127\\.0\\.0\\.1:${port}: the address is in use`));
     }
   });
 
