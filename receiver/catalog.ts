@@ -85,6 +85,11 @@ export interface TokenInfo {
 
 const TOKEN_ID_HEX = 16;
 
+/** A token's id as `token --list` shows it and `revoke --token` takes it (never the secret). */
+export function tokenIdOf(token: string): string {
+  return hashSecret(token).toString('hex').slice(0, TOKEN_ID_HEX);
+}
+
 export interface ChunkLocation {
   packId: number;
   file: string;

@@ -7,7 +7,7 @@ import { createLogger } from '../shared/log.js';
 import { formatBytes, parseDurationMs } from '../shared/units.js';
 import { prune } from './prune.js';
 import { resolvePolicy } from './retention.js';
-import { Catalog, type TokenInfo } from './catalog.js';
+import { Catalog, tokenIdOf, type TokenInfo } from './catalog.js';
 import { initDataDir, openDataDir } from './data-dir.js';
 import { ReceiverServer } from './server.js';
 import { runReceiverVerify } from './verify.js';
@@ -68,7 +68,7 @@ program.command('token')
       if (opts.list) return printTokens(catalog.listTokens(), opts.json === true);
       const kind = opts.restore ? 'restore' : 'enroll';
       const token = catalog.createToken(kind, { reenrollHost: opts.host, expiresMs });
-      if (opts.json) return printJson({ token, kind, host: opts.host ?? null, expiresAt: expiresMs === undefined ? null : new Date(expiresMs).toISOString() });
+      if (opts.json) return printJson({ token, id: tokenIdOf(token), kind, host: opts.host ?? null, expiresAt: expiresMs === undefined ? null : new Date(expiresMs).toISOString() });
       process.stdout.write(`${token}\n`);
     } finally {
       catalog.close();

@@ -86,7 +86,8 @@ describe('revocation and re-enrollment', () => {
   });
 
   it('a revoked restore token is refused, and its open session is closed at the next heartbeat', { timeout: 60_000 }, async () => {
-    const { token } = await receiverJson(['token', '--restore']);
+    const { token, id } = await receiverJson(['token', '--restore']);
+    assert.equal(id, tokenId(token), 'token --json gives the id that revoke --token takes');
     const keys = vaultKeys(d.keyFile);
     const conn = await ReceiverConnection.open({ url: d.receiver.url, fingerprint: d.receiver.fingerprint, path: SESSION_PATH, authorization: `Bearer ${token}` });
     try {
