@@ -92,6 +92,8 @@ program.command('run')
         return;
       }
       await replicate({ ...common, intervalMs, tracker: opts.tracker }, (point) => reportResult(point, !!flags.json));
+      // Stopped by SIGTERM/SIGINT (systemctl stop): status must not go on saying all is well.
+      state.saveStatus({ reason: 'the agent was stopped; changes are not replicated until it runs again' });
     } catch (err) {
       const error = asTidemarkError(err);
       state.saveStatus({ state: 'Error', reason: error.message });

@@ -868,6 +868,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
       const point = await third.waitForPoint((p) => Date.parse(p.time) > rolledBackMs, 60_000, 'first point after the rollback');
       t.diagnostic(`after the rollback: point ${point.pointId} mode ${point.mode}; ${third.stderrTail(40).includes('not the one this state last committed') ? 'the agent found its state older than the receiver' : 'the agent rescanned for another reason'}`);
       assert.deepEqual(await third.stop('SIGTERM'), { code: 0, signal: null }, `agent after SIGTERM; stderr:\n${third.stderrTail()}`);
+      assert.match((await agentStatus(stateDir)).reason ?? '', /the agent was stopped/, 'status says the agent is not running');
       const restored = join(lab.dir, `restored-${point.pointId}.img`);
       await d.restore(host, device, point.pointId, restored);
       assert.equal(await sha256File(restored), await sha256Device(device), `point ${point.pointId} is not the device as it is: it kept the newer block`);
