@@ -200,6 +200,14 @@ class Lab {
     return device;
   }
 
+  /** A new zero-filled image of `sizeBytes` in the lab, attached; `image` is its file (to resize it). */
+  attachBlank(sizeBytes: number): { image: string; device: string } {
+    const image = join(this.dir, 'source.img');
+    writeFileSync(image, '');
+    truncateSync(image, sizeBytes);
+    return { image, device: this.attach(image) };
+  }
+
   /** Detaches the device if it is still attached to `backing` (never someone else's device). */
   detach(device: string, backing: string): void {
     if (loopBackingFile(device) !== backing) return;
@@ -838,10 +846,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
   it('a host rolled back with its agent state: the agent finds its hashes older than the receiver, resyncs, and the next point is the device as it is', { timeout: 150_000 }, async (t) => {
     await inLab('rollback', async (lab) => {
       const host = 'cont-rollback';
-      const image = join(lab.dir, 'source.img');
-      writeFileSync(image, '');
-      truncateSync(image, 16 * MiB);
-      const device = lab.attach(image);
+      const { device } = lab.attachBlank(16 * MiB);
       const writeBlock = (data: Buffer) => writeDevice(device, 3 * 64 * 1024, data);
       const older = randomBytes(64 * 1024);
       writeBlock(older);
@@ -878,10 +883,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
   it('a disk that grows, shrinks or goes away while tracked: tracking starts again at the new size, points match the device, size 0 stops the agent', { timeout: 180_000 }, async (t) => {
     await inLab('resize', async (lab) => {
       const host = 'cont-resize';
-      const image = join(lab.dir, 'source.img');
-      writeFileSync(image, '');
-      truncateSync(image, 16 * MiB);
-      const device = lab.attach(image);
+      const { image, device } = lab.attachBlank(16 * MiB);
       const write = (offset: number) => writeDevice(device, offset, randomBytes(64 * 1024));
       write(3 * 64 * 1024);
       const agent = new AgentRun(lab, await d.enroll(host), [device], 1);
@@ -906,10 +908,7 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
 
   it('a state directory removed under a running agent: one line, exit 13, and the trace instance removed', { timeout: 120_000 }, async (t) => {
     await inLab('lost-state', async (lab) => {
-      const image = join(lab.dir, 'source.img');
-      writeFileSync(image, '');
-      truncateSync(image, 8 * MiB);
-      const device = lab.attach(image);
+      const { device } = lab.attachBlank(8 * MiB);
       const stateDir = await d.enroll('cont-lost-state');
       const agent = new AgentRun(lab, stateDir, [device], 1);
       await agent.waitForPoint(() => true, 60_000, 'initial point');
