@@ -118,7 +118,6 @@ const runConfigSchema = z.object({
   snapshot: z.enum(['auto', 'off']).optional(),
 }).strict();
 
-/** Flags over the --config file over defaults. Disks are named by absolute path: `disk.img` and `./disk.img` are one disk. */
 /**
  * One disk named twice (disk.img and ./disk.img, or /dev/sdb and a /dev/disk/by-id link to
  * it) would be read and shipped twice, and the receiver refuses the point only at its commit.
@@ -135,6 +134,7 @@ function refuseRepeatedDisks(disks: string[]): void {
   }
 }
 
+/** Flags over the --config file over defaults. Disks are named by absolute path: `disk.img` and `./disk.img` are one disk. */
 function withConfig(flags: RunFlags) {
   let config: z.infer<typeof runConfigSchema> = {};
   if (flags.config) {

@@ -67,14 +67,16 @@ describe('restore targets this host cannot write', { skip }, () => {
   });
 
   const point = () => ['--point', String(pointId)];
+  /** disk, export and drill, each writing into `dir`. */
+  const everyMode = async (dir: string) => [
+    await restore(['disk', ...d.restoreArgs(HOST), ...point(), '--disk', disk, '--to', join(dir, 'x.img')]),
+    await restore(['export', ...d.restoreArgs(HOST), ...point(), '--to', join(dir, 'x.tar')]),
+    await restore(['drill', ...d.restoreArgs(HOST), ...point(), '--check', 'true {image}', '--scratch', dir]),
+  ];
 
   it('a read-only filesystem: disk, export and drill exit 12 naming the path', async () => {
     const ro = tmpfs('ro', 'ro,size=1m');
-    const runs = [
-      await restore(['disk', ...d.restoreArgs(HOST), ...point(), '--disk', disk, '--to', join(ro, 'x.img')]),
-      await restore(['export', ...d.restoreArgs(HOST), ...point(), '--to', join(ro, 'x.tar')]),
-      await restore(['drill', ...d.restoreArgs(HOST), ...point(), '--check', 'true {image}', '--scratch', ro]),
-    ];
+    const runs = await everyMode(ro);
     for (const run of runs) {
       assert.equal(run.code, 12, run.stderr);
       assert.match(oneLine(run), new RegExp(`cannot write ${ro}\\S*: read-only file system; remount it read-write or choose another --(to|scratch)$`));
@@ -95,11 +97,7 @@ describe('restore targets this host cannot write', { skip }, () => {
 
   it('a full filesystem: disk, export and drill all exit 11 (storage full), and leave nothing behind', async () => {
     const small = tmpfs('small', 'size=1m');
-    const runs = [
-      await restore(['disk', ...d.restoreArgs(HOST), ...point(), '--disk', disk, '--to', join(small, 'x.img')]),
-      await restore(['export', ...d.restoreArgs(HOST), ...point(), '--to', join(small, 'x.tar')]),
-      await restore(['drill', ...d.restoreArgs(HOST), ...point(), '--check', 'true {image}', '--scratch', small]),
-    ];
+    const runs = await everyMode(small);
     for (const run of runs) {
       assert.equal(run.code, 11, run.stderr);
       assert.match(oneLine(run), /disk full: no space left on device .*free space on that filesystem and retry$/);

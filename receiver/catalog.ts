@@ -87,7 +87,11 @@ const TOKEN_ID_HEX = 16;
 
 /** A token's id as `token --list` shows it and `revoke --token` takes it (never the secret). */
 export function tokenIdOf(token: string): string {
-  return hashSecret(token).toString('hex').slice(0, TOKEN_ID_HEX);
+  return idOfTokenHash(hashSecret(token));
+}
+
+function idOfTokenHash(hash: Buffer): string {
+  return hash.toString('hex').slice(0, TOKEN_ID_HEX);
 }
 
 export interface ChunkLocation {
@@ -197,7 +201,7 @@ export class Catalog {
       Array<{ hash: Buffer; kind: 'enroll' | 'restore'; createdMs: number; usedMs: number | null; expiresMs: number | null; host: string | null }>;
     const time = (ms: number | null) => (ms === null ? null : new Date(ms).toISOString());
     return rows.map((r) => ({
-      id: r.hash.toString('hex').slice(0, TOKEN_ID_HEX), kind: r.kind, createdAt: time(r.createdMs)!, usedAt: time(r.usedMs), expiresAt: time(r.expiresMs), host: r.host,
+      id: idOfTokenHash(r.hash), kind: r.kind, createdAt: time(r.createdMs)!, usedAt: time(r.usedMs), expiresAt: time(r.expiresMs), host: r.host,
     }));
   }
 

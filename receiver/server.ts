@@ -19,7 +19,6 @@ import { LocalPackStore } from './pack-store.js';
 import { Session } from './session.js';
 
 const HEARTBEAT_MS = 15_000;
-/** WebSocket close code (application range) for a session whose credential was revoked or expired. */
 /** The receiver CLI (receiver/cli.ts, compiled beside this module): scheduled prunes run its `prune`. */
 const RECEIVER_CLI = fileURLToPath(new URL('./cli.js', import.meta.url));
 

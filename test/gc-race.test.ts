@@ -34,6 +34,10 @@ describe('garbage collection racing a sync', () => {
     ReceiverConnection.prototype.send = originalSend;
     await d?.close();
   });
+  /** One run --once of `disk`, in this process (so that send() can be intercepted). */
+  const sync = (state: AgentState, disk: string) => syncOnce({
+    state, keys: vaultKeys(d.keyFile), diskPaths: [disk], blockBytes: BLOCK, bytesPerSecond: 0, json: false, log: createLogger('test', 'warn'),
+  });
 
   it('chunks collected before their blocks.put are shipped again, the sync succeeds and its point restores', async () => {
     const state = AgentState.open(await d.enroll('gamma'), { mustBeEnrolled: true });
@@ -49,9 +53,7 @@ describe('garbage collection racing a sync', () => {
       return originalSend.call(this, type, body);
     } as typeof originalSend;
     try {
-      const result = await syncOnce({
-        state, keys: vaultKeys(d.keyFile), diskPaths: [disk], blockBytes: BLOCK, bytesPerSecond: 0, json: false, log: createLogger('test', 'warn'),
-      });
+      const result = await sync(state, disk);
       assert.equal(chunksFreed, BLOCKS, 'the prune collected every chunk of the batch before its blocks.put');
       assert.equal(result.resumed, true, 'the second attempt resumed the open point');
       assert.equal(result.chunksUploaded, BLOCKS, 'the collected chunks were uploaded again');
@@ -84,9 +86,7 @@ describe('garbage collection racing a sync', () => {
       return originalSend.call(this, type, body);
     } as typeof originalSend;
     try {
-      const result = await syncOnce({
-        state, keys: vaultKeys(d.keyFile), diskPaths: [disk], blockBytes: BLOCK, bytesPerSecond: 0, json: false, log: createLogger('test', 'warn'),
-      });
+      const result = await sync(state, disk);
       assert.ok(prunes >= 3, `prunes collected chunks of ${prunes} tries`);
       const out = join(d.root, 'delta-restored.img');
       await d.restore('delta', disk, result.pointId, out);
