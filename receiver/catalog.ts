@@ -334,10 +334,21 @@ export class Catalog {
     return this.db.prepare(`SELECT 1 FROM point WHERE id = ? AND host_id = ? AND state = 'open'`).get(pointId, hostId) !== undefined;
   }
 
-  /** Stages block versions into an open point; every referenced chunk must already be stored in the vault. */
+  /**
+   * Stages block versions into an open point; every referenced chunk must already be stored in
+   * the vault. A block whose content is what the disk's last committed point already has is not
+   * staged (and what this point staged for it before is dropped): an agent that compares every
+   * block (a rolled-back or re-enrolled host) ships every block, but the point records only
+   * those that changed, so the catalog does not grow by a whole disk.
+   */
   stageBlocks(vaultId: string, pointId: number, diskId: number, blocks: number[], ids: Array<Buffer | null>): void {
     const hasChunk = this.db.prepare(`SELECT 1 FROM chunk WHERE vault = ${VAULT_NUMBER_OF} AND id = ?`);
+    // The host's open point has its largest point id (SPEC §5.2 rule 6): below it, committed versions only.
+    const committed = this.db.prepare(`
+      SELECT chunk_id FROM block_version WHERE disk_id = ? AND block_index = ? AND point_id < ?
+      ORDER BY point_id DESC LIMIT 1`).pluck();
     const upsert = this.db.prepare(`INSERT OR REPLACE INTO block_version (disk_id, block_index, point_id, chunk_id) VALUES (?, ?, ?, ?)`);
+    const unstage = this.db.prepare(`DELETE FROM block_version WHERE disk_id = ? AND block_index = ? AND point_id = ?`);
     this.db.transaction(() => {
       for (let i = 0; i < blocks.length; i++) {
         const id = ids[i]!;
@@ -345,7 +356,9 @@ export class Catalog {
           // Retryable, not a protocol error: prune may have collected it after a query said it was there.
           throw new TidemarkError('E_NOT_FOUND', `block ${blocks[i]} references chunk ${id.toString('hex')} that is not stored; upload it first`, { retryable: true });
         }
-        upsert.run(diskId, blocks[i], pointId, id);
+        const before = (committed.get(diskId, blocks[i], pointId) as Buffer | null | undefined) ?? null; // no row: zeros
+        if (sameContent(before, id)) unstage.run(diskId, blocks[i], pointId);
+        else upsert.run(diskId, blocks[i], pointId, id);
       }
     }).immediate();
   }
@@ -699,4 +712,9 @@ export interface HostReport {
   tracker: string | null;
   backlogBytes: number;
   bytesPerSecond: number;
+}
+
+/** Whether two block versions hold the same content (null: zeros). */
+function sameContent(a: Buffer | null, b: Buffer | null): boolean {
+  return a === null || b === null ? a === b : a.equals(b);
 }

@@ -34,11 +34,16 @@ describe('a host rolled back with its agent state', () => {
       rmSync(state, { recursive: true });
       cpSync(backup, state, { recursive: true });
       writeFileSync(image, older);
+      const versionsBefore = (await d.receiver.status()).blockVersions;
       const run = await runCli('agent', ['run', '--once', '--json', '--state', state, '--disk', image], { TIDEMARK_LOG_LEVEL: 'warn' });
       assert.equal(run.code, 0, run.stderr);
       assert.match(run.stderr, /not the one this state last committed/, 'the agent says why it compares every block');
       const point = lastEvent(run.stdout, 'point');
       assert.equal(point.bytesRead, older.length, 'every block read and compared');
+      // Every block was compared and staged, but the point records only the one that changed.
+      const [listed] = (await d.points('h')).filter((p) => p.id === point.pointId);
+      assert.equal(listed.disks[0].changedBytes, BLOCK, 'the point lists one changed block, not the whole disk');
+      assert.equal((await d.receiver.status()).blockVersions - versionsBefore, 1, 'the catalog grew by one block version');
 
       const restored = join(d.root, 'restored.img');
       await d.restore('h', image, point.pointId, restored);
