@@ -10,7 +10,7 @@ import { createLogger } from '../shared/log.js';
 import { MAX_BLOCK_BYTES, MIN_BLOCK_BYTES } from '../shared/protocol.js';
 import { passphraseFileOption, printJson, readPassphrase, readToken, runCli } from '../shared/cli-util.js';
 import { formatBytes, parseDurationMs, parseSizeBytes } from '../shared/units.js';
-import { describeDisk, listBlockDevices } from './disks.js';
+import { describeDisks, scanBlockDevices } from './disks.js';
 import { KEY_BACKUP_WARNING, enroll } from './enroll.js';
 import { registerKeyCommand } from './key.js';
 import { AgentState } from './state.js';
@@ -47,10 +47,9 @@ program.command('scan')
   .argument('[paths...]', 'disks or image files (default: every block device in /sys/block)')
   .option('--json', 'print one JSON document')
   .action(async (paths: string[], opts: { json?: boolean }) => {
-    const targets = paths.length > 0 ? paths : await listBlockDevices();
-    const disks = [];
-    for (const path of targets) disks.push(await describeDisk(path, { measureData: true }));
-    if (opts.json) return printJson({ disks });
+    const { disks, skipped } = paths.length > 0 ? { disks: await describeDisks(paths), skipped: [] } : await scanBlockDevices();
+    if (opts.json) return printJson({ disks, skipped });
+    for (const s of skipped) process.stderr.write(`tidemark-agent: skipped ${s.path}: ${s.reason}\n`);
     for (const d of disks) {
       process.stdout.write(`${d.path}\t${d.kind}\t${formatBytes(d.sizeBytes)}\tsector ${d.sectorBytes}\tdata ${formatBytes(d.dataBytes)}\n`);
     }

@@ -155,6 +155,41 @@ async function measureDataBytes(
   }
 }
 
+/** Named disks, each measured; the first that cannot be read ends it (the operator asked for that one). */
+export async function describeDisks(paths: string[]): Promise<DiskInfo[]> {
+  const disks: DiskInfo[] = [];
+  for (const path of paths) disks.push(await describeDisk(path, { measureData: true }));
+  return disks;
+}
+
+/** A block device `scan` could not read, and why. */
+export interface SkippedDisk {
+  path: string;
+  reason: string;
+}
+
+/**
+ * Every block device `listBlockDevices` offers, described and measured. One that cannot be
+ * read (removed media, a device the host's policy denies even to root) is skipped with its
+ * reason, so the listing still shows the others; when none can be read, the first error stands.
+ */
+export async function scanBlockDevices(): Promise<{ disks: DiskInfo[]; skipped: SkippedDisk[] }> {
+  const disks: DiskInfo[] = [];
+  const skipped: SkippedDisk[] = [];
+  let firstError: TidemarkError | undefined;
+  for (const path of await listBlockDevices()) {
+    try {
+      disks.push(await describeDisk(path, { measureData: true }));
+    } catch (err) {
+      if (!(err instanceof TidemarkError) || err.code !== 'E_DISK') throw err;
+      firstError ??= err;
+      skipped.push({ path, reason: err.message });
+    }
+  }
+  if (disks.length === 0 && firstError) throw firstError;
+  return { disks, skipped };
+}
+
 /** /dev/NAME for each disk in /sys/block worth offering (skips ram/zram and size-0 devices such as unattached loops, empty dm/sr). */
 export async function listBlockDevices(): Promise<string[]> {
   let names: string[];

@@ -4,8 +4,9 @@
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync } from 'node:child_process';
+import { closeSync, openSync, readdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { Deployment, attachLoop } from '../test/harness.js';
+import { Deployment, attachLoop, runCli } from '../test/harness.js';
 import { sha256File, writeExt4Image } from '../test/fixtures.js';
 
 const MiB = 1024 * 1024;
@@ -64,4 +65,42 @@ describe('loop devices', { skip }, () => {
     await d.restore('metal', source, point.id, target);
     assert.equal(await sha256File(target), await sha256File(source));
   });
+
+  it('scan without paths lists the block devices, and skips one it cannot read, saying why', async () => {
+    const image = join(d.root, 'scanned.img');
+    await writeExt4Image(image, 32 * MiB, 3);
+    const device = attach(image);
+    const unreadable = unreadableBlockDevice();
+    const listing = await runCli('agent', ['scan', '--json']);
+    assert.equal(listing.code, 0, listing.stderr);
+    const { disks, skipped } = JSON.parse(listing.stdout);
+    const scanned = disks.find((x: { path: string }) => x.path === device);
+    assert.ok(scanned, `${device} is listed`);
+    assert.equal(scanned.sizeBytes, 32 * MiB);
+    assert.ok(scanned.dataBytes > 0 && scanned.dataBytes < 32 * MiB, `data bytes measured (${scanned.dataBytes})`);
+    if (unreadable === undefined) return console.log('# no unreadable block device here: only the listing is checked');
+    assert.deepEqual(skipped.map((x: { path: string }) => x.path), [unreadable]);
+    assert.match(skipped[0].reason, /cannot open disk/);
+    const text = await runCli('agent', ['scan']);
+    assert.equal(text.code, 0, text.stderr);
+    assert.match(text.stdout, new RegExp(`^${device}\tblock\t`, 'm'));
+    assert.match(text.stderr, new RegExp(`^tidemark-agent: skipped ${unreadable}: `, 'm'));
+  });
 });
+
+/**
+ * A device of /sys/block that even root cannot open (here the sandbox's device policy denies
+ * /dev/vda), or undefined: no portable way makes one, so the test uses what the machine has.
+ */
+function unreadableBlockDevice(): string | undefined {
+  for (const name of readdirSync('/sys/block').sort()) {
+    if (/^(ram|zram|loop)\d/.test(name)) continue;
+    const path = `/dev/${name}`;
+    try {
+      closeSync(openSync(path, 'r'));
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'EPERM' || (err as NodeJS.ErrnoException).code === 'EACCES') return path;
+    }
+  }
+  return undefined;
+}
