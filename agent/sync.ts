@@ -236,8 +236,9 @@ export async function registerDisk(conn: ReceiverConnection, state: AgentState, 
     name: path, sizeBytes: info.sizeBytes, sectorBytes: info.sectorBytes, blockBytes: known?.blockBytes ?? blockBytes,
   });
   const sameDisk = known !== undefined && known.diskId === reg.diskId && known.sizeBytes === info.sizeBytes;
-  const stale = sameDisk && known.hasBaseline && known.baselinePointId !== null && reg.lastPointId != null &&
-    reg.lastPointId !== known.baselinePointId && reg.lastPointId !== state.openPointId();
+  // lastPointId null: the receiver has no point of the disk (forgotten there); absent: a receiver before it.
+  const stale = sameDisk && known.hasBaseline && known.baselinePointId !== null && reg.lastPointId !== undefined &&
+    reg.lastPointId !== known.baselinePointId && (reg.lastPointId === null || reg.lastPointId !== state.openPointId());
   if (stale) {
     log?.warn({ disk: path, receiverPoint: reg.lastPointId, statePoint: known.baselinePointId },
       "the receiver's newest point of the disk is not the one this state last committed (state restored from a backup, or another agent ran as this host): comparing every block with the receiver");

@@ -495,6 +495,44 @@ export class Catalog {
     this.db.prepare(`UPDATE pack SET sealed = 1 WHERE sealed = 0`).run();
   }
 
+  // --- forgetting (tidemark-receiver forget) ------------------------------
+
+  /**
+   * Removes every version of a host's disk (`diskName`), or everything of the host (null):
+   * its disks, points, report and the host itself, so its credential stops working and its
+   * name is free. Points left with no disk go too. Retention never drops a disk's last point,
+   * so this is how a disk or host taken out of protection gives its space back; the chunks
+   * only it used are freed by the next prune. One transaction.
+   */
+  forget(hostName: string, diskName: string | null): ForgetReport {
+    return this.db.transaction(() => {
+      const hostId = this.hostIdOf(hostName);
+      const disks = this.db.prepare(`SELECT id, name FROM disk WHERE host_id = :host AND (:disk IS NULL OR name = :disk) ORDER BY name`)
+        .all({ host: hostId, disk: diskName }) as Array<{ id: number; name: string }>;
+      if (diskName !== null && disks.length === 0) {
+        throw new TidemarkError('E_NOT_FOUND', `host ${hostName} has no disk named "${diskName}"; tidemark-receiver status lists its disks`);
+      }
+      let blockVersionsRemoved = 0;
+      for (const disk of disks) {
+        blockVersionsRemoved += this.db.prepare(`DELETE FROM block_version WHERE disk_id = ?`).run(disk.id).changes;
+        this.db.prepare(`DELETE FROM point_disk WHERE disk_id = ?`).run(disk.id);
+        this.db.prepare(`DELETE FROM disk WHERE id = ?`).run(disk.id);
+      }
+      // An open point stays while the host does: its agent commits it (or finds it discarded).
+      const pointsRemoved = this.db.prepare(`
+        DELETE FROM point WHERE host_id = :host AND (:disk IS NULL OR (state = 'committed'
+          AND NOT EXISTS (SELECT 1 FROM point_disk pd WHERE pd.point_id = point.id)))`).run({ host: hostId, disk: diskName }).changes;
+      if (diskName === null) {
+        this.db.prepare(`DELETE FROM host_report WHERE host_id = ?`).run(hostId);
+        this.db.prepare(`DELETE FROM host_revocation WHERE host_id = ?`).run(hostId);
+        this.db.prepare(`DELETE FROM token WHERE host_id = ? AND used_ms IS NULL`).run(hostId); // its re-enrollment tokens
+        this.db.prepare(`UPDATE token SET host_id = NULL WHERE host_id = ?`).run(hostId);
+        this.db.prepare(`DELETE FROM host WHERE id = ?`).run(hostId);
+      }
+      return { host: hostName, disks: disks.map((d) => d.name), hostRemoved: diskName === null, pointsRemoved, blockVersionsRemoved };
+    }).immediate();
+  }
+
   // --- retention and garbage collection (receiver/prune.ts) ---------------
 
   hosts(): Array<{ id: number; name: string }> {
@@ -703,6 +741,17 @@ export interface ReceiverStatus {
   /** Rows of block_version: one per block per point that changed it. The catalog grows with these (SPEC §5.2). */
   blockVersions: number;
   catalogBytes: number;
+}
+
+/** What `tidemark-receiver forget` removed. */
+export interface ForgetReport {
+  host: string;
+  /** The disks whose versions were removed. */
+  disks: string[];
+  hostRemoved: boolean;
+  /** Committed points left with no disk (and, with the host, all of its points). */
+  pointsRemoved: number;
+  blockVersionsRemoved: number;
 }
 
 /** What an agent last said of itself (`status.report`, SPEC §3.4). */

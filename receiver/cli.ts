@@ -144,6 +144,28 @@ interface PruneFlags {
   data: string; keepWithin?: string; keepHourly?: number; keepDaily?: number; keepWeekly?: number; dryRun?: boolean; now?: string; json?: boolean;
 }
 
+program.command('forget')
+  .description("remove a disk's recovery points (--disk), or a host and all of its points (--all); the next prune frees the space")
+  .addOption(dataOption())
+  .requiredOption('--host <name>', 'the host')
+  .addOption(new Option('--disk <name>', 'the disk to forget, as points list it').conflicts('all'))
+  .option('--all', 'forget the host itself: every disk and point, and its credential')
+  .option('--json', 'print one JSON document')
+  .action((opts: { data: string; host: string; disk?: string; all?: boolean; json?: boolean }) => {
+    if (opts.disk === undefined && !opts.all) throw new TidemarkError('E_USAGE', 'say what to forget: --disk NAME, or --all for the host and everything of it');
+    const dir = openDataDir(opts.data, { forWriting: true });
+    const catalog = Catalog.open(dir.catalogPath);
+    try {
+      const report = catalog.forget(opts.host, opts.disk ?? null);
+      if (opts.json) return printJson(report);
+      const what = report.hostRemoved ? `host ${report.host} and its disks ${report.disks.join(', ') || '(none)'}` : `disk ${report.disks[0]} of host ${report.host}`;
+      process.stdout.write(`forgot ${what}: ${report.pointsRemoved} point(s) and ${report.blockVersionsRemoved} block versions removed; ` +
+        'tidemark-receiver prune frees their space (serve runs it on its schedule)\n');
+    } finally {
+      catalog.close();
+    }
+  });
+
 program.command('status')
   .description('hosts, disks, last point, lag and stored bytes')
   .addOption(dataOption())
