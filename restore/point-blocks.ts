@@ -102,6 +102,27 @@ async function* everyBlock(entries: AsyncGenerator<MapBlock>, disk: PointDisk): 
 export async function* readPointBlocks(
   conn: ReceiverConnection, keys: VaultKeys, point: PointInfo, disk: PointDisk, stats: FetchStats, options: ReadPointOptions = {},
 ): AsyncGenerator<PointBlock> {
+  try {
+    yield* readBlocks(conn, keys, point, disk, stats, options);
+  } catch (err) {
+    throw await explainMissing(conn, point, disk, err);
+  }
+}
+
+/**
+ * A chunk or map page not found mid-read: when the point itself is gone (a prune or
+ * `forget` on the receiver removed it meanwhile), say so rather than name a chunk.
+ */
+async function explainMissing(conn: ReceiverConnection, point: PointInfo, disk: PointDisk, err: unknown): Promise<unknown> {
+  if (!(err instanceof TidemarkError) || err.code !== 'E_NOT_FOUND' || !conn.isOpen) return err;
+  const stillThere = await conn.request('point.map', { pointId: point.id, diskId: disk.diskId, fromBlock: 0, limit: 1 }).then(() => true, () => false);
+  if (stillThere) return err;
+  return new TidemarkError('E_NOT_FOUND', `point ${point.id} was removed on the receiver (retention or forget) while it was being read; list the points again and use one that is kept`, { cause: err });
+}
+
+async function* readBlocks(
+  conn: ReceiverConnection, keys: VaultKeys, point: PointInfo, disk: PointDisk, stats: FetchStats, options: ReadPointOptions,
+): AsyncGenerator<PointBlock> {
   const fetcher = new ChunkFetcher(conn, disk.blockBytes, stats);
   const fetching = new Map<string, Promise<Buffer>>();
   const fetchChunk = (id: Buffer): Promise<Buffer> => {

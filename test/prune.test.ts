@@ -4,6 +4,8 @@ import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { chownSync, copyFileSync, readdirSync, statSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { once } from 'node:events';
 import Database from 'better-sqlite3';
 import { destination, pino } from 'pino';
 import { Catalog } from '../receiver/catalog.js';
@@ -192,6 +194,33 @@ describe('prune killed with SIGKILL', () => {
     for (const p of kept) await assertRestores(d, 'lambda', disk, p);
     const verify = await runCli('receiver', ['verify', '--data', d.receiver.dataDir]);
     assert.ok(verify.code === 0 || /unknown command/.test(verify.stderr), `verify after the kills: ${verify.stderr}`);
+  });
+});
+
+describe('a point pruned while it is being read', () => {
+  let d: Deployment;
+  after(() => d?.close());
+
+  it('ends the export with a line that says the point was removed, not that a chunk is missing', async () => {
+    d = await Deployment.start();
+    await d.enroll('mu');
+    const disk = join(d.root, 'mu.img');
+    writeFileSync(disk, randomBytes(16 * MiB));
+    const first = await d.syncOnce('mu', [disk]);
+    writeFileSync(disk, randomBytes(16 * MiB)); // every block rewritten: the first point's chunks are its own
+    await d.syncOnce('mu', [disk]);
+
+    const child = spawnCli('restore', ['export', ...d.restoreArgs('mu'), '--point', String(first.pointId), '--to', '-'], { TIDEMARK_TOKEN: d.restoreToken });
+    let stderr = '';
+    child.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
+    const exited = new Promise<number | null>((r) => child.once('exit', (code) => r(code)));
+    // The tar has started; unread, the pipe fills and holds the export mid-stream.
+    await once(child.stdout!, 'readable');
+    const pruned = await runJson('receiver', ['prune', '--data', d.receiver.dataDir, '--keep-within', '0s', '--keep-hourly', '0', '--keep-daily', '0']);
+    assert.equal(pruned.pointsDropped, 1);
+    child.stdout!.resume();
+    assert.equal(await exited, 9, stderr);
+    assert.match(stderr, new RegExp(`point ${first.pointId} was removed on the receiver \\(retention or forget\\) while it was being read; list the points again`));
   });
 });
 
