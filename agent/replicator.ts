@@ -273,11 +273,18 @@ class TracefsReplicator {
         this.needScan = `tracking lost ${lost - this.lostBaseline} events (trace ring buffer overrun)`;
         this.lostBaseline = lost;
       }
-      if (this.needScan) return this.scan();
       try {
-        await this.cycle();
+        if (this.needScan) return await this.scan();
+        try {
+          await this.cycle();
+        } catch (err) {
+          this.requeueUncommitted();
+          throw err;
+        }
       } catch (err) {
-        this.requeueUncommitted();
+        // The next try starts a new session, which registers the disks again: a disk the
+        // receiver forgot comes back with a new id, and tracking starts again for it.
+        this.conn?.close();
         throw err;
       }
     });

@@ -906,6 +906,30 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
     }, t);
   });
 
+  it('a disk forgotten on the receiver while tracked: the agent registers it again and resyncs it, and keeps going', { timeout: 150_000 }, async (t) => {
+    await inLab('forget', async (lab) => {
+      const host = 'cont-forget';
+      const kept = lab.attachBlank(8 * MiB).device;
+      const forgotten = lab.attachBlank(8 * MiB).device;
+      writeDevice(forgotten, 0, randomBytes(64 * 1024));
+      const agent = new AgentRun(lab, await d.enroll(host), [kept, forgotten], 1);
+      await agent.waitForPoint(() => true, 60_000, 'initial point');
+      const forgot = await runJson('receiver', ['forget', '--data', d.receiver.dataDir, '--host', host, '--disk', forgotten, '--json']);
+      assert.deepEqual(forgot.disks, [forgotten]);
+      const writtenMs = Math.max(writeDevice(kept, 64 * 1024, randomBytes(64 * 1024)), writeDevice(forgotten, 2 * 64 * 1024, randomBytes(64 * 1024)));
+      const point = await agent.waitForPoint((p) => Date.parse(p.time) > writtenMs, 60_000, 'a point after the forget');
+      t.diagnostic(`after the forget: point ${point.pointId} mode ${point.mode}`);
+      assert.ok(!agent.exited, `the agent is still running; stderr:\n${agent.stderrTail()}`);
+      const listed = (await d.points(host)).find((p) => p.id === point.pointId)!;
+      assert.deepEqual(listed.disks.map((x: { name: string }) => x.name).sort(), [kept, forgotten].sort());
+      for (const device of [kept, forgotten]) {
+        const restored = join(lab.dir, `restored-${point.pointId}-${basename(device)}.img`);
+        await d.restore(host, device, point.pointId, restored);
+        assert.equal(await sha256File(restored), await sha256Device(device), `${device} at point ${point.pointId}`);
+      }
+    }, t);
+  });
+
   it('a state directory removed under a running agent: one line, exit 13, and the trace instance removed', { timeout: 120_000 }, async (t) => {
     await inLab('lost-state', async (lab) => {
       const { device } = lab.attachBlank(8 * MiB);

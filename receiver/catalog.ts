@@ -310,6 +310,17 @@ export class Catalog {
   }
 
   /**
+   * A disk the host writes to. One no longer registered (`forget` removed it) is retryable:
+   * the agent registers it again on its next session, as a new disk.
+   */
+  ownDisk(hostId: number, diskId: number): { id: number; hostId: number; name: string; sizeBytes: number; blockBytes: number } {
+    const disk = this.disk(diskId);
+    if (!disk) throw new TidemarkError('E_NOT_FOUND', `disk ${diskId} is not registered on the receiver (it was forgotten there); register it again`, { retryable: true });
+    if (disk.hostId !== hostId) throw new TidemarkError('E_FORBIDDEN', `disk ${diskId} does not belong to this host`);
+    return disk;
+  }
+
+  /**
    * A host has at most one open point. `resume` continues it (an interrupted
    * sync keeps what it staged); anything else discards it and opens a new one.
    */
@@ -388,8 +399,7 @@ export class Catalog {
       if (listed.size !== disks.length) throw new TidemarkError('E_PROTOCOL', 'point.commit names a disk twice');
       const insert = this.db.prepare(`INSERT INTO point_disk (point_id, disk_id, size_bytes, changed_blocks, changed_bytes) VALUES (?, ?, ?, 0, 0)`);
       for (const d of disks) {
-        const disk = this.disk(d.diskId);
-        if (!disk || disk.hostId !== hostId) throw new TidemarkError('E_FORBIDDEN', `disk ${d.diskId} does not belong to this host`);
+        const disk = this.ownDisk(hostId, d.diskId);
         insert.run(pointId, d.diskId, disk.sizeBytes);
         this.countChanges(pointId, d.diskId);
       }

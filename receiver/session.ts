@@ -174,8 +174,7 @@ export class Session {
 
   private stage(p: Extract<Principal, { role: 'agent' }>, vaultId: string, req: Extract<Request, { t: 'blocks.put' }>): { staged: number } {
     if (!this.ctx.catalog.openPointOf(p.hostId, req.pointId)) throw new TidemarkError('E_CONFLICT', `point ${req.pointId} is not open for this host`);
-    const disk = this.ctx.catalog.disk(req.diskId);
-    if (!disk || disk.hostId !== p.hostId) throw new TidemarkError('E_FORBIDDEN', `disk ${req.diskId} does not belong to this host`);
+    const disk = this.ctx.catalog.ownDisk(p.hostId, req.diskId);
     const blockCount = Math.ceil(disk.sizeBytes / disk.blockBytes);
     const outside = req.blocks.find((b) => b >= blockCount);
     if (outside !== undefined) throw new TidemarkError('E_PROTOCOL', `block ${outside} is past the end of disk ${disk.name} (${blockCount} blocks)`);
