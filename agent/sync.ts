@@ -240,8 +240,9 @@ export async function registerDisk(conn: ReceiverConnection, state: AgentState, 
   const stale = sameDisk && known.hasBaseline && known.baselinePointId !== null && reg.lastPointId !== undefined &&
     reg.lastPointId !== known.baselinePointId && (reg.lastPointId === null || reg.lastPointId !== state.openPointId());
   if (stale) {
-    log?.warn({ disk: path, receiverPoint: reg.lastPointId, statePoint: known.baselinePointId },
-      "the receiver's newest point of the disk is not the one this state last committed (state restored from a backup, or another agent ran as this host): comparing every block with the receiver");
+    log?.warn({ disk: path, receiverPoint: reg.lastPointId, statePoint: known.baselinePointId }, reg.lastPointId === null
+      ? 'the receiver has no point of the disk any more (forgotten there): comparing every block with the receiver'
+      : "the receiver's newest point of the disk is not the one this state last committed (state restored from a backup, or another agent ran as this host): comparing every block with the receiver");
   }
   if (known && (!sameDisk || stale)) state.dropHashes(known.diskId);
   const record: DiskRecord = sameDisk && !stale
