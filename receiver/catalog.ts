@@ -433,6 +433,11 @@ export class Catalog {
     };
   }
 
+  /** Whether the vault has a host of that name (a restore token sees only the hosts of its session's vault). */
+  hostInVault(vaultId: string, name: string): boolean {
+    return this.db.prepare(`SELECT 1 FROM host WHERE vault_id = ? AND name = ?`).get(vaultId, name) !== undefined;
+  }
+
   /** Host name and vault of a committed point, for authorization. */
   pointOwner(pointId: number): { hostId: number; host: string; vaultId: string } | undefined {
     return this.db.prepare(`

@@ -102,7 +102,9 @@ export class Session {
     switch (req.t) {
       case 'points.list': {
         if (p.role === 'agent' && req.host !== null && req.host !== p.host) throw this.otherHost(req.host);
-        return this.ctx.catalog.listPoints(vaultId, p.role === 'agent' ? p.host : req.host, req.afterId, MAX_POINTS_PAGE);
+        const page = this.ctx.catalog.listPoints(vaultId, p.role === 'agent' ? p.host : req.host, req.afterId, MAX_POINTS_PAGE);
+        // A host with no points yet and a misspelt name both list nothing: say which it is.
+        return req.host === null ? page : { ...page, hostExists: this.ctx.catalog.hostInVault(vaultId, req.host) };
       }
       case 'point.map': {
         this.readablePoint(p, vaultId, req.pointId);

@@ -5,7 +5,7 @@ import { VaultKeys } from '../shared/chunk-crypto.js';
 import { ReceiverConnection } from '../shared/connection.js';
 import { TidemarkError } from '../shared/errors.js';
 import { openKeyFile } from '../shared/keyfile.js';
-import { SESSION_PATH, type PointInfo } from '../shared/protocol.js';
+import { SESSION_PATH, type PointInfo, type Reply } from '../shared/protocol.js';
 import { passphraseFileOption, printJson, readPassphrase, readToken, runCli } from '../shared/cli-util.js';
 import { formatBytes, parseDurationMs } from '../shared/units.js';
 import { drillPoint, type DrillDiskResult } from './drill.js';
@@ -49,15 +49,23 @@ async function connect(opts: ConnectOptions): Promise<{ conn: ReceiverConnection
   return { conn, keys };
 }
 
+/** Every point (of `host`, when given), oldest first; a host the receiver does not know in this vault is E_NOT_FOUND. */
 async function listPoints(conn: ReceiverConnection, host: string | null): Promise<PointInfo[]> {
   const points: PointInfo[] = [];
   let afterId: number | null = null;
   do {
-    const page: { points: PointInfo[]; next: number | null } = await conn.request('points.list', { host, afterId });
+    const page: Reply<'points.list'> = await conn.request('points.list', { host, afterId });
+    // Receivers before hostExists leave it out: then an unknown host lists no points, as it did.
+    if (page.hostExists === false) throw unknownHost(host!);
     points.push(...page.points);
     afterId = page.next;
   } while (afterId !== null);
   return points;
+}
+
+function unknownHost(host: string): TidemarkError {
+  return new TidemarkError('E_NOT_FOUND', `no host named "${host}" in this key file's vault on the receiver; ` +
+    'tidemark-restore points without --host lists the hosts that have points (tidemark-receiver status, every host)');
 }
 
 function pointJson(p: PointInfo) {

@@ -118,7 +118,12 @@ export const replySchemas = {
   'chunk.put': z.object({ stored: z.boolean() }),
   'blocks.put': z.object({ staged: uint }),
   'point.commit': z.object({ pointId: uint }),
-  'points.list': z.object({ points: z.array(pointSchema).max(MAX_POINTS_PAGE), next: uint.nullable() }),
+  'points.list': z.object({
+    points: z.array(pointSchema).max(MAX_POINTS_PAGE),
+    next: uint.nullable(),
+    /** With a `host`: whether the session's vault has a host of that name (none yet: no points); absent from older receivers. */
+    hostExists: z.boolean().optional(),
+  }),
   'point.map': z.object({ blocks: z.array(uint), ids: z.array(id32), next: uint.nullable() }),
   'chunk.get': z.object({ data: bin }),
   /** Envelopes of a prefix of the ids asked for, in their order (SPEC §3.4). */

@@ -168,6 +168,23 @@ describe('bad input', () => {
     assert.match(oneLine(reused.stderr), /enrollment token unknown or already used/);
   });
 
+  it('a host this vault does not have: exit 9 and a line naming how to list hosts; one with no points yet lists none', async () => {
+    const typo = await runCli('restore', ['points', ...d.restoreArgs('deltaa')], { TIDEMARK_TOKEN: d.restoreToken });
+    assert.equal(typo.code, 9, typo.stderr);
+    assert.match(oneLine(typo.stderr), /no host named "deltaa" in this key file's vault .*tidemark-restore points without --host lists the hosts/);
+    assert.equal(typo.stdout, '');
+    const restore = await runCli('restore', ['disk', ...d.restoreArgs('deltaa'), '--disk', disk, '--point', String(pointId), '--to', join(d.root, 'typo.img')], { TIDEMARK_TOKEN: d.restoreToken });
+    assert.equal(restore.code, 9, restore.stderr);
+    assert.match(oneLine(restore.stderr), /no host named "deltaa"/);
+
+    await d.enroll('quiet');
+    assert.deepEqual(await d.points('quiet'), [], 'an enrolled host without points: exit 0, no points');
+    // A host of another vault is not this key file's to see: unknown, as a typo is.
+    await d.enroll('elsewhere', join(d.root, 'other-vault.key'));
+    const other = await runCli('restore', ['points', ...d.restoreArgs('elsewhere')], { TIDEMARK_TOKEN: d.restoreToken });
+    assert.equal(other.code, 9, other.stderr);
+  });
+
   it('an unknown credential is refused on the upgrade', async () => {
     const r = await runCli('restore', ['points', ...d.restoreArgs('delta')], { TIDEMARK_TOKEN: 'tmrestore_forged' });
     assert.equal(r.code, 6);

@@ -199,8 +199,12 @@ describe('isolation between hosts and vaults', () => {
     const token = { TIDEMARK_TOKEN: d.restoreToken };
     const all = await runJson<{ points: any[] }>('restore', ['points', ...args], token);
     assert.deepEqual(all.points.map((p) => p.host), ['host-c']);
-    for (const host of ['host-a', 'host-b']) {
-      assert.deepEqual((await runJson<{ points: any[] }>('restore', ['points', ...args, '--host', host], token)).points, []);
+    // Another vault's host is unknown to this key file, as a name never enrolled is: nothing tells them apart.
+    for (const host of ['host-a', 'host-b', 'host-never']) {
+      const r = await runCli('restore', ['points', ...args, '--host', host], token);
+      assert.equal(r.code, 9, r.stderr);
+      assert.equal(r.stderr.trim(), `tidemark-restore: no host named "${host}" in this key file's vault on the receiver; ` +
+        'tidemark-restore points without --host lists the hosts that have points (tidemark-receiver status, every host)');
     }
     const out = join(d.root, 'via-c.img');
     const r = await runCli('restore', ['disk', ...args, '--host', 'host-a', '--disk', disks['host-a']!, '--point', String(synced['host-a'].pointId), '--to', out], token);

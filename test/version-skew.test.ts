@@ -44,6 +44,9 @@ describe('version skew with the release before chunks.get', { timeout: 300_000 }
       const verify = await runJson('restore', ['verify', ...d.restoreArgs('old-receiver'), '--read-data'], { TIDEMARK_TOKEN: d.restoreToken });
       assert.equal(verify.ok, true);
       assert.equal(verify.chunksChecked, (await d.receiver.status()).storedChunks);
+      // That receiver does not say whether a host exists: an unknown one lists no points, as before.
+      const unknown = await runJson('restore', ['points', ...d.restoreArgs('no-such-host')], { TIDEMARK_TOKEN: d.restoreToken });
+      assert.deepEqual(unknown.points, []);
     } finally {
       await d.close();
     }
@@ -105,6 +108,11 @@ describe('version skew with the release before chunks.get', { timeout: 300_000 }
       const byNew = join(d.root, 'by-new.img');
       await d.restore('old-agent', disk, pointId, byNew);
       assert.equal(await sha256File(byNew), await sha256File(disk));
+      // That restore CLI ignores hostExists in this receiver's points.list reply.
+      const listed = await runJson('restore', ['points', ...d.restoreArgs('old-agent')], { TIDEMARK_TOKEN: d.restoreToken }, release.root);
+      assert.deepEqual(listed.points.map((p: any) => p.id), [pointId]);
+      const unknown = await runJson('restore', ['points', ...d.restoreArgs('no-such-host')], { TIDEMARK_TOKEN: d.restoreToken }, release.root);
+      assert.deepEqual(unknown.points, []);
     } finally {
       await d.close();
     }
