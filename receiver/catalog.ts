@@ -28,6 +28,8 @@ CREATE TABLE IF NOT EXISTS host (
   credential_hash BLOB NOT NULL UNIQUE, enrolled_ms INTEGER NOT NULL);
 -- Hosts whose credential was revoked (tidemark-receiver revoke --host); re-enrolling one deletes its row.
 CREATE TABLE IF NOT EXISTS host_revocation (host_id INTEGER PRIMARY KEY REFERENCES host(id), revoked_ms INTEGER NOT NULL);
+-- Tokens deleted by tidemark-receiver revoke --token, by id, so that revoking one again says when it was.
+CREATE TABLE IF NOT EXISTS token_revocation (id TEXT PRIMARY KEY, kind TEXT NOT NULL, revoked_ms INTEGER NOT NULL);
 -- A vault is recorded by its first enrollment; proof_hash = SHA-256 of VaultKeys.vaultProof (receiver/vault-proof.ts).
 CREATE TABLE IF NOT EXISTS vault (vault_id TEXT PRIMARY KEY, proof_hash BLOB NOT NULL, created_ms INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS disk (
@@ -205,29 +207,41 @@ export class Catalog {
     }));
   }
 
-  /** Deletes the token whose id (as listTokens shows it) is `id`: a restore token stops working, an enrollment token cannot be used. */
-  revokeToken(id: string): TokenInfo {
+  /**
+   * Deletes the token whose id (as listTokens shows it) is `id`: a restore token stops working, an
+   * enrollment token cannot be used. Revoking it again changes nothing and says when it was revoked.
+   */
+  revokeToken(id: string): { token: Pick<TokenInfo, 'id' | 'kind'> & Partial<TokenInfo>; revokedAt: string; alreadyRevoked: boolean } {
     if (!new RegExp(`^[0-9a-f]{${TOKEN_ID_HEX}}$`).test(id)) {
       throw new TidemarkError('E_USAGE', `invalid token id "${id}": use the ${TOKEN_ID_HEX}-digit id that tidemark-receiver token --list shows`);
     }
-    const token = this.listTokens().find((t) => t.id === id);
-    if (!token) throw new TidemarkError('E_NOT_FOUND', `no token with id ${id}; tidemark-receiver token --list shows them`);
-    this.db.prepare(`DELETE FROM token WHERE substr(hex(hash), 1, ${TOKEN_ID_HEX}) = upper(?)`).run(id);
-    return token;
+    return this.db.transaction(() => {
+      const earlier = this.db.prepare(`SELECT kind, revoked_ms AS revokedMs FROM token_revocation WHERE id = ?`).get(id) as { kind: TokenInfo['kind']; revokedMs: number } | undefined;
+      if (earlier) return { token: { id, kind: earlier.kind }, revokedAt: new Date(earlier.revokedMs).toISOString(), alreadyRevoked: true };
+      const token = this.listTokens().find((t) => t.id === id);
+      if (!token) throw new TidemarkError('E_NOT_FOUND', `no token with id ${id}; tidemark-receiver token --list shows them`);
+      const nowMs = Date.now();
+      this.db.prepare(`DELETE FROM token WHERE substr(hex(hash), 1, ${TOKEN_ID_HEX}) = upper(?)`).run(id);
+      this.db.prepare(`INSERT INTO token_revocation (id, kind, revoked_ms) VALUES (?, ?, ?)`).run(id, token.kind, nowMs);
+      return { token, revokedAt: new Date(nowMs).toISOString(), alreadyRevoked: false };
+    }).immediate();
   }
 
   /**
    * The host's credential stops working: new connections are refused, open sessions are closed at the
    * receiver's next heartbeat. Its points stay (restore tokens read them); `token --host` lets it enroll again.
+   * Revoking it again changes nothing (its revocation time stays) and says so.
    */
-  revokeHost(name: string): { host: string; revokedAt: string } {
+  revokeHost(name: string): { host: string; revokedAt: string; alreadyRevoked: boolean } {
     return this.db.transaction(() => {
       const hostId = this.hostIdOf(name);
+      const earlier = this.db.prepare(`SELECT revoked_ms FROM host_revocation WHERE host_id = ?`).pluck().get(hostId) as number | undefined;
+      if (earlier !== undefined) return { host: name, revokedAt: new Date(earlier).toISOString(), alreadyRevoked: true };
       const nowMs = Date.now();
       // No secret hashes to fresh random bytes: the credential column stays unique and matches nothing.
       this.db.prepare(`UPDATE host SET credential_hash = ? WHERE id = ?`).run(randomBytes(32), hostId);
-      this.db.prepare(`INSERT OR REPLACE INTO host_revocation (host_id, revoked_ms) VALUES (?, ?)`).run(hostId, nowMs);
-      return { host: name, revokedAt: new Date(nowMs).toISOString() };
+      this.db.prepare(`INSERT INTO host_revocation (host_id, revoked_ms) VALUES (?, ?)`).run(hostId, nowMs);
+      return { host: name, revokedAt: new Date(nowMs).toISOString(), alreadyRevoked: false };
     }).immediate();
   }
 

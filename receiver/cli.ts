@@ -99,11 +99,15 @@ program.command('revoke')
       if (opts.host !== undefined) {
         const revoked = catalog.revokeHost(opts.host);
         if (opts.json) return printJson({ revoked: 'host', ...revoked });
-        process.stdout.write(`revoked the credential of host ${revoked.host}; its points stay readable with a restore token\n`);
+        process.stdout.write(revoked.alreadyRevoked
+          ? `host ${revoked.host}'s credential was already revoked at ${revoked.revokedAt}; nothing changed (token --host ${revoked.host} enrolls it again)\n`
+          : `revoked the credential of host ${revoked.host}; its points stay readable with a restore token\n`);
       } else {
-        const revoked = catalog.revokeToken(opts.token!);
-        if (opts.json) return printJson({ revoked: 'token', token: revoked });
-        process.stdout.write(`revoked ${revoked.kind} token ${revoked.id}\n`);
+        const { token, revokedAt, alreadyRevoked } = catalog.revokeToken(opts.token!);
+        if (opts.json) return printJson({ revoked: 'token', token, revokedAt, alreadyRevoked });
+        process.stdout.write(alreadyRevoked
+          ? `${token.kind} token ${token.id} was already revoked at ${revokedAt}; nothing changed\n`
+          : `revoked ${token.kind} token ${token.id}\n`);
       }
     } finally {
       catalog.close();

@@ -42,6 +42,14 @@ describe('revocation and re-enrollment', () => {
     const web = () => receiverJson(['status']).then((s) => s.hosts.find((h: any) => h.name === 'web'));
     assert.equal((await web()).credentialRevokedAt, revoked.revokedAt);
     assert.match((await receiverCli(['status'])).stdout, /host web: .*credential revoked .*token --host web to enroll it again/);
+    assert.equal(revoked.alreadyRevoked, false);
+
+    // Again: nothing to do, and it says so, with the time of the revocation that did it (kept as it was).
+    const revokedAgain = await receiverCli(['revoke', '--host', 'web']);
+    assert.equal(revokedAgain.code, 0, revokedAgain.stderr);
+    assert.equal(oneLine(revokedAgain.stdout).trim(), `host web's credential was already revoked at ${revoked.revokedAt}; nothing changed (token --host web enrolls it again)`);
+    assert.deepEqual(await receiverJson(['revoke', '--host', 'web']), { ...revoked, alreadyRevoked: true });
+    assert.equal((await web()).credentialRevokedAt, revoked.revokedAt);
 
     const refused = await runCli('agent', ['run', '--once', '--state', d.stateDir('web'), '--disk', image]);
     assert.equal(refused.code, 6, refused.stderr);
@@ -94,9 +102,16 @@ describe('revocation and re-enrollment', () => {
       await conn.hello({ vaultId: keys.vaultId, vaultProof: keys.vaultProof });
       await conn.request('points.list', { host: null, afterId: null });
 
-      const { revoked, token: info } = await receiverJson(['revoke', '--token', tokenId(token)]);
-      assert.equal(revoked, 'token');
-      assert.equal(info.kind, 'restore');
+      const first = await receiverJson(['revoke', '--token', tokenId(token)]);
+      assert.equal(first.revoked, 'token');
+      assert.equal(first.token.kind, 'restore');
+      assert.equal(first.alreadyRevoked, false);
+      // Again: not "no token with id" (as if mistyped, exit 9) but when it was revoked, exit 0.
+      const again = await receiverCli(['revoke', '--token', tokenId(token)]);
+      assert.equal(again.code, 0, again.stderr);
+      assert.equal(oneLine(again.stdout).trim(), `restore token ${tokenId(token)} was already revoked at ${first.revokedAt}; nothing changed`);
+      assert.deepEqual(await receiverJson(['revoke', '--token', tokenId(token)]),
+        { revoked: 'token', token: { id: tokenId(token), kind: 'restore' }, revokedAt: first.revokedAt, alreadyRevoked: true });
       const ids = (await receiverJson<{ tokens: any[] }>(['token', '--list'])).tokens.map((t) => t.id);
       assert.ok(!ids.includes(tokenId(token)), 'the revoked token is no longer listed');
       assert.ok(ids.includes(tokenId(d.restoreToken)), 'the other restore token is untouched');
