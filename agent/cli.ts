@@ -94,13 +94,22 @@ program.command('run')
       // Stopped by SIGTERM/SIGINT (systemctl stop): status must not go on saying all is well.
       state.saveStatus({ reason: 'the agent was stopped; changes are not replicated until it runs again' });
     } catch (err) {
-      const error = asTidemarkError(err);
-      state.saveStatus({ state: 'Error', reason: error.message });
+      const error = asTidemarkError(err, { stateDir: state.dir });
+      saveErrorStatus(state, error.message);
       throw error;
     } finally {
       state.close();
     }
   });
+
+/** Best effort: when the state directory is what failed (full), its error is what the operator must see. */
+function saveErrorStatus(state: AgentState, reason: string): void {
+  try {
+    state.saveStatus({ state: 'Error', reason });
+  } catch {
+    // status keeps its last state; the error is printed and exits
+  }
+}
 
 interface RunFlags {
   config?: string; state?: string; disk?: string[]; interval?: string; blockSize?: string; bwlimit?: string;

@@ -147,9 +147,13 @@ async function everyInterval(opts: ReplicatorOptions, stop: Stop, cycle: () => P
       await stop.sleep(Math.max(0, opts.intervalMs - (Date.now() - startedMs)));
     } catch (err) {
       if (err instanceof DisksChanged) throw err;
-      const error = asTidemarkError(err);
+      const error = asTidemarkError(err, { stateDir: opts.state.dir });
       if (!error.retryable) throw error;
-      opts.state.saveStatus({ state: 'Error', reason: `${error.message} (retrying in ${Math.round(backoffMs / 1000)} s)` });
+      try {
+        opts.state.saveStatus({ state: 'Error', reason: `${error.message} (retrying in ${Math.round(backoffMs / 1000)} s)` });
+      } catch {
+        // A full state directory cannot take the status either: the log says it, and the retries go on.
+      }
       opts.log.warn({ code: error.code, reason: error.message, retryInMs: backoffMs }, 'cycle failed; will retry');
       await stop.sleep(backoffMs);
       backoffMs = Math.min(backoffMs * 2, 60_000);
@@ -341,7 +345,7 @@ class TracefsReplicator {
       this.drain();
     } catch (err) {
       clearInterval(this.drainTimer);
-      const error = asTidemarkError(err);
+      const error = asTidemarkError(err, { stateDir: this.opts.state.dir });
       this.drainFailure = error.code === 'E_INTERNAL' || error.code === 'E_DISK'
         ? new TidemarkError('E_STATE', `cannot record tracked writes in the state directory ${this.opts.state.dir} (${error.message}); if it was removed, enroll again into a new one`, { cause: err })
         : error;

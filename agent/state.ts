@@ -10,10 +10,10 @@
 // (legacy): the first pass of the next sync compares the disk with the legacy
 // file, writes the new one, and the commit removes the legacy files.
 import Database from 'better-sqlite3';
-import { closeSync, copyFileSync, existsSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, copyFileSync, existsSync, fsyncSync, ftruncateSync, mkdirSync, openSync, readFileSync, readSync, renameSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
-import { TidemarkError } from '../shared/errors.js';
-import { fsyncDir, writeFileDurable } from '../shared/fs-util.js';
+import { TidemarkError, asTidemarkError } from '../shared/errors.js';
+import { fsyncDir, writeAllSync, writeFileDurable } from '../shared/fs-util.js';
 import type { HostState } from '../shared/protocol.js';
 import { addColumnIfMissing } from '../shared/sqlite-schema.js';
 
@@ -82,7 +82,12 @@ export class AgentState {
     if (options.mustBeEnrolled && !existsSync(join(dir, 'state.db'))) {
       throw new TidemarkError('E_STATE', `${dir} holds no agent state; enroll first with tidemark-agent enroll --state ${dir} ...`);
     }
-    const state = new AgentState(dir);
+    let state: AgentState;
+    try {
+      state = new AgentState(dir);
+    } catch (err) {
+      throw asTidemarkError(err, { stateDir: dir }); // a full filesystem fails even opening state.db (its -shm)
+    }
     if (options.mustBeEnrolled && !state.enrollment()) {
       state.close();
       throw new TidemarkError('E_STATE', `agent in ${dir} is not enrolled; run tidemark-agent enroll first`);
@@ -255,7 +260,7 @@ export class HashFile {
         const window = new BigUint64Array(Math.min(blockCount, 65536)).fill(fill);
         for (let i = 0; i < blockCount; i += window.length) {
           const n = Math.min(window.length, blockCount - i);
-          writeSync(fd, new Uint8Array(window.buffer, 0, n * 8), 0, n * 8, i * 8);
+          writeAllSync(fd, [Buffer.from(window.buffer, 0, n * 8)], i * 8);
         }
       }
       fsyncSync(fd);
@@ -274,8 +279,9 @@ export class HashFile {
     return out;
   }
 
+  /** Every byte or an error: a short write on a full filesystem would leave older hashes for staged blocks. */
   write(firstBlock: number, values: BigUint64Array): void {
-    writeSync(this.fd, new Uint8Array(values.buffer, values.byteOffset, values.byteLength), 0, values.byteLength, firstBlock * 8);
+    writeAllSync(this.fd, [Buffer.from(values.buffer, values.byteOffset, values.byteLength)], firstBlock * 8);
   }
 
   sync(): void {

@@ -1,6 +1,7 @@
 // One error type for the whole product. Callers branch on `code` (stable,
 // documented in docs/SPEC.md §9) and on `retryable`; the CLI maps `code` to
 // an exit status so scripts can tell the cases apart.
+import { resolve, sep } from 'node:path';
 
 export const ErrorCodes = {
   USAGE: 'E_USAGE',
@@ -69,6 +70,11 @@ export interface ErrorContext {
    * receiver's data directory (its replies carry the message to agents); default: this host.
    */
   storage?: 'receiver';
+  /**
+   * The agent's state directory: its only writes on this host (clones of images fail softly),
+   * so a full disk or I/O error not about another path is that directory's, and the message names it.
+   */
+  stateDir?: string;
 }
 
 /** A full filesystem: ENOSPC/EDQUOT from the kernel, SQLITE_FULL from the catalog (better-sqlite3 `code`). */
@@ -92,22 +98,42 @@ export function asTidemarkError(err: unknown, context: ErrorContext = {}): Tidem
   const message = err instanceof Error ? err.message : String(err);
   const sysCode = (err as NodeJS.ErrnoException | undefined)?.code;
   if (typeof sysCode === 'string' && (fullCodes.has(sysCode) || sysCode.startsWith('SQLITE_IOERR'))) {
-    const receiver = context.storage === 'receiver';
     const detail = message.startsWith(sysCode) ? message : `${sysCode}: ${message}`;
-    const text = fullCodes.has(sysCode)
-      ? receiver
-        ? `receiver disk full: no space left in the receiver's data directory (${detail}); ` +
-          'free space on that filesystem or run tidemark-receiver prune; replication pauses and resumes by itself once there is room'
-        : `disk full: no space left on device (${detail}); free space on that filesystem and retry`
-      : receiver
-        ? `receiver storage I/O error (${detail}); check the disk of the receiver's data directory (free space, kernel log); the request can be retried`
-        : `storage I/O error (${detail}); check the disk (free space, kernel log) and retry`;
-    return new TidemarkError('E_STORAGE', text, { cause: err });
+    const where = context.storage === 'receiver' ? 'receiver'
+      : context.stateDir !== undefined && concerns(err, context.stateDir) ? { stateDir: context.stateDir }
+      : 'local';
+    return new TidemarkError('E_STORAGE', storageMessage(fullCodes.has(sysCode), detail, where), { cause: err });
   }
   if (sysCode === 'ENOENT' || sysCode === 'EACCES' || sysCode === 'EISDIR' || (context.storage !== 'receiver' && localDiskCodes.has(sysCode ?? ''))) {
     return new TidemarkError('E_DISK', message, { cause: err, retryable: false });
   }
   return new TidemarkError('E_INTERNAL', message, { cause: err });
+}
+
+/** What a full disk (`full`) or a storage I/O error means, for whose storage, and what to do. */
+function storageMessage(full: boolean, detail: string, where: 'receiver' | 'local' | { stateDir: string }): string {
+  if (where === 'receiver') {
+    return full
+      ? `receiver disk full: no space left in the receiver's data directory (${detail}); ` +
+        'free space on that filesystem or run tidemark-receiver prune; replication pauses and resumes by itself once there is room'
+      : `receiver storage I/O error (${detail}); check the disk of the receiver's data directory (free space, kernel log); the request can be retried`;
+  }
+  if (where !== 'local') {
+    return full
+      ? `this host's disk is full: no space left for the agent state directory ${where.stateDir} (${detail}); free space on that filesystem and retry`
+      : `storage I/O error in the agent state directory ${where.stateDir} on this host (${detail}); check that filesystem (free space, kernel log) and retry`;
+  }
+  return full
+    ? `disk full: no space left on device (${detail}); free space on that filesystem and retry`
+    : `storage I/O error (${detail}); check the disk (free space, kernel log) and retry`;
+}
+
+/** Whether a system error is about `dir`: it names a path there, or none (a write or fsync of an open file; SQLite). */
+function concerns(err: unknown, dir: string): boolean {
+  const { path, dest } = err as { path?: unknown; dest?: unknown };
+  const named = [path, dest].filter((p): p is string => typeof p === 'string');
+  const root = resolve(dir);
+  return named.length === 0 || named.some((p) => resolve(p) === root || resolve(p).startsWith(root + sep));
 }
 
 /**

@@ -46,6 +46,20 @@ describe('storage errors', () => {
     assert.equal(asTidemarkError(Object.assign(new Error('x'), { code: 'SQLITE_BUSY' })).code, 'E_INTERNAL');
   });
 
+  it('names the agent state directory for its full disk, and not for another path\'s', () => {
+    const stateDir = '/var/lib/tidemark';
+    const write = Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' });
+    assert.match(asTidemarkError(write, { stateDir }).message, /^this host's disk is full: no space left for the agent state directory \/var\/lib\/tidemark .*free space on that filesystem/);
+    const inside = Object.assign(new Error('ENOSPC: open'), { code: 'ENOSPC', path: '/var/lib/tidemark/hashes/1.pending.xxh64' });
+    assert.match(asTidemarkError(inside, { stateDir }).message, /agent state directory \/var\/lib\/tidemark/);
+    const io = Object.assign(new Error('disk I/O error'), { code: 'SQLITE_IOERR_SHMSIZE' });
+    assert.match(asTidemarkError(io, { stateDir }).message, /storage I\/O error in the agent state directory \/var\/lib\/tidemark/);
+    for (const path of ['/srv/image.img', '/var/lib/tidemark-other/x']) {
+      const elsewhere = Object.assign(new Error('ENOSPC: open'), { code: 'ENOSPC', path });
+      assert.doesNotMatch(asTidemarkError(elsewhere, { stateDir }).message, /state directory/, path);
+    }
+  });
+
   it('a full catalog fails the batch with E_STORAGE, references nothing half-written, and works again with room', async () => {
     const dir = tempDir();
     const catalog = Catalog.open(join(dir, 'catalog.db'));

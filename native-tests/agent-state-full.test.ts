@@ -1,0 +1,130 @@
+// The agent's state directory on a full filesystem (a small tmpfs, nearly filled
+// by a file of ours): the hash file of a first sync does not fit. `run --once`
+// exits 11 with one line naming the state directory and what to do (not the
+// receiver); continuous `run` keeps retrying, says why in its log, and commits a
+// point by itself once space is freed. Needs root (mount); elsewhere it skips.
+import { after, before, describe, it } from 'node:test';
+import assert from 'node:assert/strict';
+import { execFileSync, type ChildProcess } from 'node:child_process';
+import { closeSync, fsyncSync, mkdirSync, openSync, rmSync, statfsSync, truncateSync, writeSync } from 'node:fs';
+import { join } from 'node:path';
+import { Deployment, runCli, spawnCli, tempDir } from '../test/harness.js';
+import { sha256File, writeMixedImage } from '../test/fixtures.js';
+
+const MiB = 1024 * 1024;
+/** 4 KiB blocks: the image's hash file is 1 MiB, four times what is left free. */
+const IMAGE_BYTES = 512 * MiB;
+const LEFT_FREE = 256 * 1024;
+
+function skipReason(): string | undefined {
+  if (process.getuid?.() !== 0) return 'needs root (mount)';
+  try {
+    execFileSync('mount', ['--version'], { stdio: 'ignore' });
+  } catch {
+    return 'needs mount (util-linux)';
+  }
+  return undefined;
+}
+
+const skip = skipReason();
+if (skip) console.log(`# native-tests/agent-state-full: skipped: ${skip}`);
+
+const oneLine = (s: string) => {
+  const lines = s.trim().split('\n');
+  assert.equal(lines.length, 1, `expected a one-line error, got:\n${s}`);
+  return lines[0]!;
+};
+
+async function waitFor<T>(what: string, timeoutMs: number, probe: () => T | undefined): Promise<T> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = probe();
+    if (value !== undefined) return value;
+    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
+
+/** Creates `path`, filling its filesystem up to `leftFree` bytes. */
+function fill(path: string, leftFree: number): void {
+  const st = statfsSync(join(path, '..'));
+  const bytes = st.bavail * st.bsize - leftFree;
+  const fd = openSync(path, 'w');
+  try {
+    const chunk = Buffer.alloc(64 * 1024, 0x5a);
+    for (let done = 0; done < bytes; done += chunk.length) writeSync(fd, chunk, 0, Math.min(chunk.length, bytes - done));
+    fsyncSync(fd);
+  } finally {
+    closeSync(fd);
+  }
+}
+
+describe('agent state directory on a full filesystem', { skip }, () => {
+  const root = tempDir('tidemark-statefull-');
+  const mnt = join(root, 'mnt');
+  const stateDir = join(mnt, 'state');
+  const filler = join(mnt, 'filler');
+  let mounted = false;
+  let d: Deployment | undefined;
+  let disk: string;
+  let agent: ChildProcess | undefined;
+
+  before(async () => {
+    mkdirSync(mnt);
+    execFileSync('mount', ['-t', 'tmpfs', '-o', 'size=4m,mode=0700', 'tmpfs', mnt]);
+    mounted = true;
+    d = await Deployment.start();
+    const enrolled = await runCli('agent', d.enrollArgs(stateDir, 'cramped'), { TIDEMARK_TOKEN: await d.receiver.token() });
+    assert.equal(enrolled.code, 0, enrolled.stderr);
+    disk = join(d.root, 'cramped.img');
+    await writeMixedImage(disk, 8 * MiB, 31);
+    truncateSync(disk, IMAGE_BYTES); // the rest a hole: a quick sync, but as many blocks to hash
+    fill(filler, LEFT_FREE);
+  });
+
+  after(async () => {
+    if (agent && agent.exitCode === null && agent.signalCode === null) {
+      const exited = new Promise((r) => agent!.once('exit', r));
+      agent.kill('SIGTERM');
+      await exited;
+    }
+    await d?.close();
+    if (mounted) execFileSync('umount', [mnt]);
+    rmSync(root, { recursive: true, force: true });
+  });
+
+  it('run --once: exit 11, one line naming the state directory and what to do', async () => {
+    const r = await runCli('agent', ['run', '--once', '--block-size', '4K', '--state', stateDir, '--disk', disk]);
+    assert.equal(r.code, 11, r.stderr);
+    const line = oneLine(r.stderr);
+    assert.ok(line.includes(`agent state directory ${stateDir}`), line);
+    assert.match(line, /this host's disk is full: .*free space on that filesystem and retry/);
+    assert.doesNotMatch(line, /receiver/, 'the receiver is not the one out of space');
+  });
+
+  it('continuous run: retries, logging why, and commits a point by itself once space is freed', { timeout: 120_000 }, async () => {
+    agent = spawnCli('agent', ['run', '--interval', '1s', '--json', '--block-size', '4K', '--state', stateDir, '--disk', disk]);
+    let stdout = '';
+    let stderr = '';
+    agent.stdout!.on('data', (b: Buffer) => (stdout += b.toString()));
+    agent.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
+    const warning = await waitFor('a retry warning', 30_000, () => {
+      assert.equal(agent!.exitCode, null, `the agent exited: ${stderr}`);
+      return stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l)).find((l) => l.msg === 'cycle failed; will retry');
+    });
+    assert.equal(warning.code, 'E_STORAGE');
+    assert.ok(String(warning.reason).includes(`agent state directory ${stateDir}`), warning.reason);
+
+    rmSync(filler);
+    const point = await waitFor('a point after space was freed', 90_000, () => {
+      assert.equal(agent!.exitCode, null, `the agent exited: ${stderr}`);
+      return stdout.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l)).find((e) => e.event === 'point');
+    });
+    const exited = new Promise((r) => agent!.once('exit', r));
+    agent.kill('SIGTERM');
+    await exited;
+    const restored = join(d!.root, 'restored.img');
+    await d!.restore('cramped', disk, point.pointId, restored);
+    assert.equal(await sha256File(restored), await sha256File(disk));
+  });
+});
