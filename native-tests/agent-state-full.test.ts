@@ -2,11 +2,13 @@
 // by a file of ours): the hash file of a first sync does not fit. `run --once`
 // exits 11 with one line naming the state directory and what to do (not the
 // receiver); continuous `run` keeps retrying, says why in its log, and commits a
-// point by itself once space is freed. Needs root (mount); elsewhere it skips.
+// point by itself once space is freed; a hash file write that does not fit fails
+// whole. Needs root (mount); elsewhere it skips.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, type ChildProcess } from 'node:child_process';
-import { closeSync, fsyncSync, mkdirSync, openSync, rmSync, statfsSync, truncateSync, writeSync } from 'node:fs';
+import { closeSync, fsyncSync, ftruncateSync, mkdirSync, openSync, rmSync, statfsSync, truncateSync, writeSync } from 'node:fs';
+import { HashFile } from '../agent/state.js';
 import { join } from 'node:path';
 import { Deployment, runCli, spawnCli, tempDir } from '../test/harness.js';
 import { sha256File, writeMixedImage } from '../test/fixtures.js';
@@ -100,6 +102,21 @@ describe('agent state directory on a full filesystem', { skip }, () => {
     assert.ok(line.includes(`agent state directory ${stateDir}`), line);
     assert.match(line, /this host's disk is full: .*free space on that filesystem and retry/);
     assert.doesNotMatch(line, /receiver/, 'the receiver is not the one out of space');
+  });
+
+  it('a hash file write that does not fit fails, rather than writing part of it (the rest would keep older hashes)', () => {
+    const path = join(mnt, 'sparse.xxh64');
+    const fd = openSync(path, 'w');
+    ftruncateSync(fd, MiB); // a hole, as a new hash file is: its pages are allocated as written
+    closeSync(fd);
+    const file = HashFile.open(path);
+    try {
+      // tmpfs (as ext4) writes what fits and returns a short count, without an error.
+      assert.throws(() => file.write(0, new BigUint64Array(MiB / 8).fill(7n)), { code: 'ENOSPC' });
+    } finally {
+      file.close();
+      rmSync(path);
+    }
   });
 
   it('continuous run: retries, logging why, and commits a point by itself once space is freed', { timeout: 120_000 }, async () => {
