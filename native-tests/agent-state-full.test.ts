@@ -1,16 +1,18 @@
 // The agent's state directory on a full filesystem (a small tmpfs, nearly filled
 // by a file of ours): the hash file of a first sync does not fit. `run --once`
 // exits 11 with one line naming the state directory and what to do (not the
-// receiver); continuous `run` keeps retrying, says why in its log, and commits a
-// point by itself once space is freed; a hash file write that does not fit fails
-// whole. Needs root (mount); elsewhere it skips.
+// receiver); continuous `run` (hash scan, and kernel tracking of a loop device)
+// keeps retrying, says why in its log, and commits a point by itself once space is
+// freed; a hash file write that does not fit fails whole. Needs root (mount; the
+// tracking case also tracefs and losetup); elsewhere it skips.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFileSync, type ChildProcess } from 'node:child_process';
-import { closeSync, fsyncSync, ftruncateSync, mkdirSync, openSync, rmSync, statfsSync, truncateSync, writeSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { closeSync, existsSync, fsyncSync, ftruncateSync, mkdirSync, openSync, rmSync, statfsSync, truncateSync, writeFileSync, writeSync } from 'node:fs';
 import { HashFile } from '../agent/state.js';
 import { join } from 'node:path';
-import { Deployment, runCli, spawnCli, tempDir } from '../test/harness.js';
+import { Deployment, attachLoop, runCli, spawnCli, tempDir } from '../test/harness.js';
 import { sha256File, writeMixedImage } from '../test/fixtures.js';
 
 const MiB = 1024 * 1024;
@@ -31,6 +33,18 @@ function skipReason(): string | undefined {
 const skip = skipReason();
 if (skip) console.log(`# native-tests/agent-state-full: skipped: ${skip}`);
 
+/** Kernel tracking of a loop device: tracefs with block tracepoints (the agent mounts tracefs itself), losetup. */
+function trackingSkipReason(): string | undefined {
+  if (skip) return skip;
+  if (!existsSync('/sys/kernel/tracing/events/block/block_bio_queue')) return 'needs tracefs with block tracepoints at /sys/kernel/tracing';
+  try {
+    execFileSync('losetup', ['--version'], { stdio: 'ignore' });
+  } catch {
+    return 'needs losetup (util-linux)';
+  }
+  return undefined;
+}
+
 const oneLine = (s: string) => {
   const lines = s.trim().split('\n');
   assert.equal(lines.length, 1, `expected a one-line error, got:\n${s}`);
@@ -49,6 +63,7 @@ async function waitFor<T>(what: string, timeoutMs: number, probe: () => T | unde
 
 /** Creates `path`, filling its filesystem up to `leftFree` bytes. */
 function fill(path: string, leftFree: number): void {
+  rmSync(path, { force: true });
   const st = statfsSync(join(path, '..'));
   const bytes = st.bavail * st.bsize - leftFree;
   const fd = openSync(path, 'w');
@@ -61,6 +76,44 @@ function fill(path: string, leftFree: number): void {
   }
 }
 
+const jsonLines = (text: string) => text.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, any>);
+
+/** An agent `run` process, its stdout and stderr as they come. */
+function startAgent(args: string[]): { child: ChildProcess; out: { stdout: string; stderr: string } } {
+  const child = spawnCli('agent', ['run', '--interval', '1s', '--json', ...args]);
+  const out = { stdout: '', stderr: '' };
+  child.stdout!.on('data', (b: Buffer) => (out.stdout += b.toString()));
+  child.stderr!.on('data', (b: Buffer) => (out.stderr += b.toString()));
+  return { child, out };
+}
+
+async function stop(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = new Promise((r) => child.once('exit', r));
+  child.kill('SIGTERM');
+  await exited;
+}
+
+/**
+ * With the state directory's filesystem full: the agent keeps running and logs a retry that names the
+ * directory; once `filler` is removed it commits a point by itself. Returns the first point after that.
+ */
+async function retriesUntilFreed(agent: { child: ChildProcess; out: { stdout: string; stderr: string } }, stateDir: string, filler: string): Promise<Record<string, any>> {
+  const running = () => assert.equal(agent.child.exitCode, null, `the agent exited: ${agent.out.stderr}`);
+  const warning = await waitFor('a retry warning', 30_000, () => {
+    running();
+    return jsonLines(agent.out.stderr).find((l) => l.msg === 'cycle failed; will retry');
+  });
+  assert.equal(warning.code, 'E_STORAGE');
+  assert.ok(String(warning.reason).includes(`agent state directory ${stateDir}`), warning.reason);
+  const pointsBefore = jsonLines(agent.out.stdout).filter((e) => e.event === 'point').length;
+  rmSync(filler);
+  return waitFor('a point after space was freed', 90_000, () => {
+    running();
+    return jsonLines(agent.out.stdout).filter((e) => e.event === 'point')[pointsBefore];
+  });
+}
+
 describe('agent state directory on a full filesystem', { skip }, () => {
   const root = tempDir('tidemark-statefull-');
   const mnt = join(root, 'mnt');
@@ -69,7 +122,8 @@ describe('agent state directory on a full filesystem', { skip }, () => {
   let mounted = false;
   let d: Deployment | undefined;
   let disk: string;
-  let agent: ChildProcess | undefined;
+  let agent: { child: ChildProcess; out: { stdout: string; stderr: string } } | undefined;
+  let loop: string | undefined;
 
   before(async () => {
     mkdirSync(mnt);
@@ -85,12 +139,9 @@ describe('agent state directory on a full filesystem', { skip }, () => {
   });
 
   after(async () => {
-    if (agent && agent.exitCode === null && agent.signalCode === null) {
-      const exited = new Promise((r) => agent!.once('exit', r));
-      agent.kill('SIGTERM');
-      await exited;
-    }
+    if (agent) await stop(agent.child);
     await d?.close();
+    if (loop) execFileSync('losetup', ['-d', loop]);
     if (mounted) execFileSync('umount', [mnt]);
     rmSync(root, { recursive: true, force: true });
   });
@@ -120,28 +171,36 @@ describe('agent state directory on a full filesystem', { skip }, () => {
   });
 
   it('continuous run: retries, logging why, and commits a point by itself once space is freed', { timeout: 120_000 }, async () => {
-    agent = spawnCli('agent', ['run', '--interval', '1s', '--json', '--block-size', '4K', '--state', stateDir, '--disk', disk]);
-    let stdout = '';
-    let stderr = '';
-    agent.stdout!.on('data', (b: Buffer) => (stdout += b.toString()));
-    agent.stderr!.on('data', (b: Buffer) => (stderr += b.toString()));
-    const warning = await waitFor('a retry warning', 30_000, () => {
-      assert.equal(agent!.exitCode, null, `the agent exited: ${stderr}`);
-      return stderr.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l)).find((l) => l.msg === 'cycle failed; will retry');
-    });
-    assert.equal(warning.code, 'E_STORAGE');
-    assert.ok(String(warning.reason).includes(`agent state directory ${stateDir}`), warning.reason);
-
-    rmSync(filler);
-    const point = await waitFor('a point after space was freed', 90_000, () => {
-      assert.equal(agent!.exitCode, null, `the agent exited: ${stderr}`);
-      return stdout.split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l)).find((e) => e.event === 'point');
-    });
-    const exited = new Promise((r) => agent!.once('exit', r));
-    agent.kill('SIGTERM');
-    await exited;
+    agent = startAgent(['--block-size', '4K', '--state', stateDir, '--disk', disk]);
+    const point = await retriesUntilFreed(agent, stateDir, filler);
+    await stop(agent.child);
     const restored = join(d!.root, 'restored.img');
     await d!.restore('cramped', disk, point.pointId, restored);
     assert.equal(await sha256File(restored), await sha256File(disk));
+  });
+
+  it('continuous run with kernel tracking (a loop device): the same, and its last point equals the device', { timeout: 120_000, skip: trackingSkipReason() }, async () => {
+    const image = join(d!.root, 'tracked.img');
+    writeFileSync(image, randomBytes(32 * MiB));
+    loop = attachLoop(image);
+    const tracked = join(mnt, 'tracked');
+    const enrolled = await runCli('agent', d!.enrollArgs(tracked, 'tracked'), { TIDEMARK_TOKEN: await d!.receiver.token() });
+    assert.equal(enrolled.code, 0, enrolled.stderr);
+    agent = startAgent(['--tracker', 'tracefs', '--state', tracked, '--disk', loop]);
+    await waitFor('the initial point', 60_000, () => jsonLines(agent!.out.stdout).find((e) => e.event === 'point'));
+    fill(filler, 0);
+    const fd = openSync(loop, 'r+');
+    try {
+      writeSync(fd, randomBytes(MiB), 0, MiB, 10 * 64 * 1024);
+      fsyncSync(fd); // to the device: the kernel's block layer, and so tracefs, sees the writes
+    } finally {
+      closeSync(fd);
+    }
+    await retriesUntilFreed(agent, tracked, filler);
+    await stop(agent.child);
+    const points = await d!.points('tracked');
+    const restored = join(d!.root, 'tracked-restored.img');
+    await d!.restore('tracked', loop, points.at(-1).id, restored);
+    assert.equal(await sha256File(restored), await sha256File(loop));
   });
 });
