@@ -96,6 +96,14 @@ function idOfTokenHash(hash: Buffer): string {
   return hash.toString('hex').slice(0, TOKEN_ID_HEX);
 }
 
+export interface DiskRow {
+  id: number;
+  hostId: number;
+  name: string;
+  sizeBytes: number;
+  blockBytes: number;
+}
+
 export interface ChunkLocation {
   packId: number;
   file: string;
@@ -318,16 +326,16 @@ export class Catalog {
     }).immediate();
   }
 
-  disk(diskId: number): { id: number; hostId: number; name: string; sizeBytes: number; blockBytes: number } | undefined {
+  disk(diskId: number): DiskRow | undefined {
     return this.db.prepare(`SELECT id, host_id AS hostId, name, size_bytes AS sizeBytes, block_bytes AS blockBytes FROM disk WHERE id = ?`).get(diskId) as
-      { id: number; hostId: number; name: string; sizeBytes: number; blockBytes: number } | undefined;
+      DiskRow | undefined;
   }
 
   /**
    * A disk the host writes to. One no longer registered (`forget` removed it) is retryable:
    * the agent registers it again on its next session, as a new disk.
    */
-  ownDisk(hostId: number, diskId: number): { id: number; hostId: number; name: string; sizeBytes: number; blockBytes: number } {
+  ownDisk(hostId: number, diskId: number): DiskRow {
     const disk = this.disk(diskId);
     if (!disk) throw new TidemarkError('E_NOT_FOUND', `disk ${diskId} is not registered on the receiver (it was forgotten there); register it again`, { retryable: true });
     if (disk.hostId !== hostId) throw new TidemarkError('E_FORBIDDEN', `disk ${diskId} does not belong to this host`);
