@@ -541,7 +541,16 @@ export class Catalog {
    * so this is how a disk or host taken out of protection gives its space back; the chunks
    * only it used are freed by the next prune. One transaction.
    */
-  forget(hostName: string, diskName: string | null): ForgetReport {
+  forget(hostName: string, diskName: string | null, options: { dryRun?: boolean } = {}): ForgetReport {
+    if (options.dryRun) {
+      // The same work in a transaction rolled back: the report is what a real run would remove.
+      this.db.exec('BEGIN IMMEDIATE');
+      try {
+        return this.forget(hostName, diskName);
+      } finally {
+        this.db.exec('ROLLBACK');
+      }
+    }
     return this.db.transaction(() => {
       const hostId = this.hostIdOf(hostName);
       const disks = this.db.prepare(`SELECT id, name FROM disk WHERE host_id = :host AND (:disk IS NULL OR name = :disk) ORDER BY name`)

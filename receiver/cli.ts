@@ -154,17 +154,20 @@ program.command('forget')
   .requiredOption('--host <name>', 'the host')
   .addOption(new Option('--disk <name>', 'the disk to forget, as points list it').conflicts('all'))
   .option('--all', 'forget the host itself: every disk and point, and its credential')
+  .option('--dry-run', 'show what would be removed; change nothing')
   .option('--json', 'print one JSON document')
-  .action((opts: { data: string; host: string; disk?: string; all?: boolean; json?: boolean }) => {
+  .action((opts: { data: string; host: string; disk?: string; all?: boolean; dryRun?: boolean; json?: boolean }) => {
     if (opts.disk === undefined && !opts.all) throw new TidemarkError('E_USAGE', 'say what to forget: --disk NAME, or --all for the host and everything of it');
     const dir = openDataDir(opts.data, { forWriting: true });
     const catalog = Catalog.open(dir.catalogPath);
     try {
-      const report = catalog.forget(opts.host, opts.disk ?? null);
-      if (opts.json) return printJson(report);
+      const report = catalog.forget(opts.host, opts.disk ?? null, { dryRun: opts.dryRun });
+      if (opts.json) return printJson({ dryRun: !!opts.dryRun, ...report });
       const what = report.hostRemoved ? `host ${report.host} and its disks ${report.disks.join(', ') || '(none)'}` : `disk ${report.disks[0]} of host ${report.host}`;
-      process.stdout.write(`forgot ${what}: ${report.pointsRemoved} point(s) and ${report.blockVersionsRemoved} block versions removed; ` +
-        'tidemark-receiver prune frees their space (serve runs it on its schedule)\n');
+      process.stdout.write(opts.dryRun
+        ? `would forget ${what}: ${report.pointsRemoved} point(s) and ${report.blockVersionsRemoved} block versions\n`
+        : `forgot ${what}: ${report.pointsRemoved} point(s) and ${report.blockVersionsRemoved} block versions removed; ` +
+          'tidemark-receiver prune frees their space (serve runs it on its schedule)\n');
     } finally {
       catalog.close();
     }

@@ -36,8 +36,12 @@ describe('tidemark-receiver forget', () => {
       assert.equal((await runCli('receiver', ['forget', ...data, '--host', 'nobody', '--all'])).code, 9);
 
       const before = await d.receiver.status();
-      const forgotDisk = await runJson('receiver', ['forget', ...data, '--host', 'h', '--disk', gone, '--json']);
-      assert.deepEqual(forgotDisk, { host: 'h', disks: [gone], hostRemoved: false, pointsRemoved: 1, blockVersionsRemoved: 6 });
+      const forgetDisk = ['forget', ...data, '--host', 'h', '--disk', gone, '--json'];
+      const plan = await runJson('receiver', [...forgetDisk, '--dry-run']);
+      assert.equal((await d.points('h')).length, 3, 'a dry run changes nothing');
+      const forgotDisk = await runJson('receiver', forgetDisk);
+      assert.deepEqual(forgotDisk, { dryRun: false, host: 'h', disks: [gone], hostRemoved: false, pointsRemoved: 1, blockVersionsRemoved: 6 });
+      assert.deepEqual({ ...plan, dryRun: false }, forgotDisk, 'the dry run said what forget did');
       const points = await d.points('h');
       assert.deepEqual(points.map((p) => [p.id, p.disks.map((x: { name: string }) => x.name)]), [[both.pointId, [kept]], [later.pointId, [kept]]]);
       const restored = join(d.root, 'restored.img');
@@ -57,7 +61,7 @@ describe('tidemark-receiver forget', () => {
       assert.ok(readFileSync(join(d.root, 'gone-again.img')).equals(readFileSync(gone)));
 
       const forgotHost = await runJson('receiver', ['forget', ...data, '--host', 'h', '--all', '--json']);
-      assert.deepEqual(forgotHost, { host: 'h', disks: [gone, kept], hostRemoved: true, pointsRemoved: 3, blockVersionsRemoved: 14 });
+      assert.deepEqual(forgotHost, { dryRun: false, host: 'h', disks: [gone, kept], hostRemoved: true, pointsRemoved: 3, blockVersionsRemoved: 14 });
       const status = await d.receiver.status();
       assert.deepEqual(status.hosts, [], 'the host is gone');
       const refused = await runCli('agent', ['run', '--once', '--state', state, '--disk', kept]);
