@@ -14,6 +14,12 @@ import { checkVaultProof, enrollWithProof } from './vault-proof.js';
 import { storageAlarm } from './storage-alarm.js';
 
 const MAX_IN_FLIGHT = 64;
+/**
+ * Reply bytes handed to the socket but not yet written out. Above this, reading pauses: a
+ * client that pipelines chunks.get and never reads (~1 MiB of reply per 2 KiB request)
+ * would otherwise grow the receiver's memory until it is killed, with every session.
+ */
+export const MAX_UNSENT_REPLY_BYTES = 16 * 1024 * 1024;
 
 export interface SessionContext {
   catalog: Catalog;
@@ -24,6 +30,7 @@ export interface SessionContext {
 export class Session {
   private vaultId: string | null = null;
   private inFlight = 0;
+  private unsentBytes = 0;
   private paused = false;
   /**
    * Settles once every chunk.put and blocks.put received so far has. Staging and
@@ -50,10 +57,7 @@ export class Session {
       return this.fatal(asTidemarkError(err), 1002, peekRid(data));
     }
     this.inFlight++;
-    if (this.inFlight >= MAX_IN_FLIGHT && !this.paused) {
-      this.paused = true;
-      this.ws.pause();
-    }
+    this.flow();
     this.handle(request)
       .then((body) => {
         if (request.t === 'point.commit') storageAlarm(this.ctx.log).succeeded();
@@ -68,15 +72,29 @@ export class Session {
       })
       .finally(() => {
         this.inFlight--;
-        if (this.paused && this.inFlight < MAX_IN_FLIGHT / 2) {
-          this.paused = false;
-          this.ws.resume();
-        }
+        this.flow();
       });
   }
 
+  /** Reading pauses while too many requests are in flight or too many reply bytes wait for the peer, and resumes at half of each. */
+  private flow(): void {
+    if (!this.paused && (this.inFlight >= MAX_IN_FLIGHT || this.unsentBytes > MAX_UNSENT_REPLY_BYTES)) {
+      this.paused = true;
+      this.ws.pause();
+    } else if (this.paused && this.inFlight < MAX_IN_FLIGHT / 2 && this.unsentBytes <= MAX_UNSENT_REPLY_BYTES / 2) {
+      this.paused = false;
+      this.ws.resume();
+    }
+  }
+
   private send(frame: Buffer): void {
-    if (this.ws.readyState === this.ws.OPEN) this.ws.send(frame, { binary: true });
+    if (this.ws.readyState !== this.ws.OPEN) return;
+    this.unsentBytes += frame.length;
+    // Called once the frame is written to the socket, or with an error once it never will be.
+    this.ws.send(frame, { binary: true }, () => {
+      this.unsentBytes -= frame.length;
+      this.flow();
+    });
   }
 
   private fatal(err: TidemarkError, closeCode: number, rid: number | null = null): void {
