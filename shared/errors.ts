@@ -61,7 +61,7 @@ export class TidemarkError extends Error {
 }
 
 export function isErrorCode(value: unknown): value is ErrorCode {
-  return typeof value === 'string' && value in exitCodes;
+  return typeof value === 'string' && Object.hasOwn(exitCodes, value); // not `in`: a receiver could send 'toString'
 }
 
 export interface ErrorContext {

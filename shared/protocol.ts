@@ -156,7 +156,8 @@ function decodeMap(frame: Buffer): Record<string, unknown> {
 export function decodeRequest(frame: Buffer): Request {
   const value = decodeMap(frame);
   const type = value.t;
-  if (typeof type !== 'string' || !(type in requestSchemas)) throw new TidemarkError('E_PROTOCOL', `unknown message type ${JSON.stringify(type)}`);
+  // Own keys only: `in` would take 'constructor' or '__proto__' for a message type.
+  if (typeof type !== 'string' || !Object.hasOwn(requestSchemas, type)) throw new TidemarkError('E_PROTOCOL', `unknown message type ${JSON.stringify(type)}`);
   const parsed = requestSchemas[type as RequestType].safeParse(value);
   if (!parsed.success) {
     const issue = parsed.error.issues[0];

@@ -17,6 +17,9 @@ describe('protocol frames', () => {
     assert.throws(() => decodeRequest(encodeFrame({ t: 'hello', rid: 1, vaultId: 'x' }).subarray(0, 9)), protocolError(/not valid msgpack/));
     assert.throws(() => decodeRequest(encodeFrame([1, 2])), protocolError(/not a msgpack map/));
     assert.throws(() => decodeRequest(encodeFrame({ t: 'nope', rid: 1 })), protocolError(/unknown message type/));
+    for (const t of ['constructor', '__proto__', 'toString', 'hasOwnProperty']) {
+      assert.throws(() => decodeRequest(encodeFrame({ t, rid: 1 })), protocolError(/unknown message type/), t);
+    }
     assert.throws(() => decodeRequest(encodeFrame({ t: 'chunk.get', rid: 1, id: Buffer.alloc(31) })), protocolError(/malformed chunk.get: id/));
     assert.throws(() => decodeRequest(encodeFrame({ t: 'disk.register', rid: 1, name: 'd', sizeBytes: 1, sectorBytes: 512, blockBytes: 3000 })), protocolError(/blockBytes/));
     assert.throws(() => decodeRequest(encodeFrame({ t: 'blocks.put', rid: 1, pointId: 1, diskId: 1, blocks: [1, 2], ids: [null] })), protocolError(/differ in length/));
@@ -29,6 +32,11 @@ describe('protocol frames', () => {
     assert.equal(ok.rid, 5);
     const err = decodeReply(errorFrame(6, new TidemarkError('E_FORBIDDEN', 'no')));
     assert.ok(err.t === 'error' && err.error.code === 'E_FORBIDDEN' && err.rid === 6 && !err.error.retryable);
+    // An unknown code is read as E_PROTOCOL, also one that names a property every object has.
+    for (const code of ['E_NOPE', 'toString', 'constructor', '__proto__']) {
+      const odd = decodeReply(encodeFrame({ t: 'error', rid: 7, code, message: 'odd', retryable: false }));
+      assert.ok(odd.t === 'error' && odd.error.code === 'E_PROTOCOL' && odd.error.exitCode === 8, code);
+    }
   });
 
   it('writes a chunk.put that decodes as encodeFrame does, into the memory it is given', () => {
