@@ -57,6 +57,10 @@ async function listPoints(conn: ReceiverConnection, host: string | null): Promis
     const page: Reply<'points.list'> = await conn.request('points.list', { host, afterId });
     // Receivers before hostExists leave it out: then an unknown host lists no points, as it did.
     if (page.hostExists === false) throw unknownHost(host!);
+    // Ids after afterId only (the reply schema checks the page's order): else paging would not end.
+    if (afterId !== null && page.points.length > 0 && page.points[0]!.id <= afterId) {
+      throw new TidemarkError('E_PROTOCOL', `receiver listed point ${page.points[0]!.id} again after point ${afterId}: the receiver is faulty; tell its operator`);
+    }
     points.push(...page.points);
     afterId = page.next;
   } while (afterId !== null);

@@ -7,7 +7,7 @@
 import { openChunk, type VaultKeys } from '../shared/chunk-crypto.js';
 import type { ReceiverConnection } from '../shared/connection.js';
 import { TidemarkError } from '../shared/errors.js';
-import { MAX_MAP_PAGE, type PointInfo } from '../shared/protocol.js';
+import { MAX_MAP_PAGE, type PointInfo, type Reply } from '../shared/protocol.js';
 import { ChunkFetcher, type FetchStats } from './chunk-fetcher.js';
 
 export type PointDisk = PointInfo['disks'][number];
@@ -54,6 +54,19 @@ function blockCountOf(disk: PointDisk): number {
 }
 
 /**
+ * One page of the disk's block map from `fromBlock` (the reply schema checks the page's own
+ * order). A page before `fromBlock`, or a `next` that does not advance, would be asked for
+ * again and again, or put blocks out of order: the receiver is not to be trusted with that.
+ */
+export async function mapPage(conn: ReceiverConnection, point: PointInfo, disk: PointDisk, fromBlock: number): Promise<Reply<'point.map'>> {
+  const page = await conn.request('point.map', { pointId: point.id, diskId: disk.diskId, fromBlock, limit: MAX_MAP_PAGE });
+  if ((page.blocks.length > 0 && page.blocks[0]! < fromBlock) || (page.next !== null && page.next <= fromBlock)) {
+    throw new TidemarkError('E_PROTOCOL', `receiver sent a page of point ${point.id}'s map of ${disk.name} that does not follow block ${fromBlock}: the receiver is faulty; tell its operator`);
+  }
+  return page;
+}
+
+/**
  * The point's map entries in block order (only blocks with a chunk), clipped
  * to the disk's size at the point: versions past the end belong to a time
  * the disk was larger. The next page is requested while this one is used.
@@ -61,7 +74,7 @@ function blockCountOf(disk: PointDisk): number {
 async function* mapEntries(conn: ReceiverConnection, point: PointInfo, disk: PointDisk): AsyncGenerator<MapBlock> {
   const blockCount = blockCountOf(disk);
   const request = (fromBlock: number) => {
-    const page = conn.request('point.map', { pointId: point.id, diskId: disk.diskId, fromBlock, limit: MAX_MAP_PAGE });
+    const page = mapPage(conn, point, disk, fromBlock);
     page.catch(() => {}); // awaited below; a consumer that stops early must not leave it unhandled
     return page;
   };

@@ -9,9 +9,10 @@ import type { ReceiverConnection } from '../shared/connection.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import { printJson } from '../shared/cli-util.js';
 import { Progress, ProgressReporter } from '../shared/progress.js';
-import { MAX_MAP_PAGE, type PointInfo } from '../shared/protocol.js';
+import type { PointInfo } from '../shared/protocol.js';
 import { formatBytes } from '../shared/units.js';
 import { ChunkFetcher } from './chunk-fetcher.js';
+import { mapPage } from './point-blocks.js';
 
 /** Chunks fetched and opened at once: enough to fill a few chunks.get batches. */
 const FETCH_CONCURRENCY = 64;
@@ -73,8 +74,7 @@ export async function verifyPoints(conn: ReceiverConnection, keys: VaultKeys, po
       const fetcher = new ChunkFetcher(conn, disk.blockBytes, report);
       let from: number | null = 0;
       while (from !== null && from < blockCount) {
-        const page: Awaited<ReturnType<typeof conn.request<'point.map'>>> =
-          await conn.request('point.map', { pointId: point.id, diskId: disk.diskId, fromBlock: from, limit: MAX_MAP_PAGE });
+        const page = await mapPage(conn, point, disk, from);
         // Blocks past the end belong to a time the disk was larger: restore ignores them, so does verify.
         const blocksByKey = new Map<string, number[]>();
         page.ids.forEach((id, i) => {

@@ -49,6 +49,9 @@ const name = z.string().min(1).max(255);
 const vaultId = z.string().regex(/^[0-9a-f]{32}$/);
 /** VaultKeys.vaultProof: shows the sender holds the vault's key (SPEC §6.2). */
 const vaultProof = bin.refine((b) => b.length === 32, 'vault proof must be 32 bytes');
+const blockBytes = z.number().int().min(MIN_BLOCK_BYTES).max(MAX_BLOCK_BYTES).refine((n) => (n & (n - 1)) === 0, 'block size must be a power of two');
+/** Strictly increasing: a page of the block map names each block once, in order. */
+const increasing = (values: number[]) => values.every((v, i) => i === 0 || v > values[i - 1]!);
 
 export const requestSchemas = {
   enroll: z.object({ t: z.literal('enroll'), rid, host: name, vaultId, vaultProof }),
@@ -57,7 +60,7 @@ export const requestSchemas = {
     t: z.literal('disk.register'), rid, name,
     sizeBytes: uint,
     sectorBytes: z.number().int().min(512).max(65536),
-    blockBytes: z.number().int().min(MIN_BLOCK_BYTES).max(MAX_BLOCK_BYTES).refine((n) => (n & (n - 1)) === 0, 'block size must be a power of two'),
+    blockBytes,
   }),
   'point.begin': z.object({ t: z.literal('point.begin'), rid, resume: uint.nullable() }),
   'chunks.query': z.object({ t: z.literal('chunks.query'), rid, ids: z.array(id32).max(MAX_IDS_PER_QUERY) }),
@@ -87,7 +90,8 @@ export type Request<T extends RequestType = RequestType> = z.infer<(typeof reque
 /** A request as the client builds it: `rid` is filled in by the connection. */
 export type RequestBody<T extends RequestType> = Omit<z.input<(typeof requestSchemas)[T]>, 'rid' | 't'>;
 
-export const pointDiskSchema = z.object({ diskId: uint, name, sizeBytes: uint, blockBytes: uint, changedBytes: uint });
+/** A receiver's word is checked as an agent's is: restore loops over `sizeBytes / blockBytes` blocks. */
+export const pointDiskSchema = z.object({ diskId: uint, name, sizeBytes: uint, blockBytes, changedBytes: uint });
 export const pointSchema = z.object({
   id: uint, host: name, timeMs: uint, committedMs: uint, crashConsistent: z.boolean(), disks: z.array(pointDiskSchema),
 });
@@ -123,8 +127,15 @@ export const replySchemas = {
     next: uint.nullable(),
     /** With a `host`: whether the session's vault has a host of that name (none yet: no points); absent from older receivers. */
     hostExists: z.boolean().optional(),
-  }),
-  'point.map': z.object({ blocks: z.array(uint), ids: z.array(id32), next: uint.nullable() }),
+  })
+    .refine((m) => increasing(m.points.map((p) => p.id)), 'points not in increasing id order')
+    .refine((m) => m.next === null || (m.points.length > 0 && m.next >= m.points.at(-1)!.id), 'next does not follow the page'),
+  // Restore writes, failback compares and export streams blocks in this order: a map out of order or
+  // naming a block twice would put data at the wrong place. Pages relative to fromBlock: restore/point-blocks.ts.
+  'point.map': z.object({ blocks: z.array(uint).max(MAX_MAP_PAGE), ids: z.array(id32).max(MAX_MAP_PAGE), next: uint.nullable() })
+    .refine((m) => m.blocks.length === m.ids.length, 'blocks and ids differ in length')
+    .refine((m) => increasing(m.blocks), 'blocks not in increasing order')
+    .refine((m) => m.next === null || m.blocks.length === 0 || m.next > m.blocks.at(-1)!, 'next does not follow the page'),
   'chunk.get': z.object({ data: bin }),
   /** Envelopes of a prefix of the ids asked for, in their order (SPEC §3.4). */
   'chunks.get': z.object({ data: z.array(bin).min(1).max(MAX_IDS_PER_GET) }),
@@ -190,7 +201,10 @@ export function decodeReply(frame: Buffer): ReplyFrame {
 
 export function parseReply<T extends RequestType>(type: T, body: Record<string, unknown>): Reply<T> {
   const parsed = replySchemas[type].safeParse(body);
-  if (!parsed.success) throw new TidemarkError('E_PROTOCOL', `receiver sent a malformed reply to ${type}`);
+  if (!parsed.success) {
+    const issue = parsed.error.issues[0];
+    throw new TidemarkError('E_PROTOCOL', `receiver sent a malformed reply to ${type} (${issue?.path.join('.') || 'reply'}: ${issue?.message}); the receiver is faulty or not a Tidemark receiver: tell its operator`);
+  }
   return parsed.data as Reply<T>;
 }
 
