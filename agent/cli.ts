@@ -8,7 +8,7 @@ import { TidemarkError, asTidemarkError, settingsProblem } from '../shared/error
 import { openKeyFile } from '../shared/keyfile.js';
 import { createLogger } from '../shared/log.js';
 import { MAX_BLOCK_BYTES, MIN_BLOCK_BYTES } from '../shared/protocol.js';
-import { passphraseFileOption, printJson, readPassphrase, readToken, runCli } from '../shared/cli-util.js';
+import { passphraseFileOption, printJson, printable, readPassphrase, readToken, runCli } from '../shared/cli-util.js';
 import { formatBytes, parseDurationMs, parseSizeBytes } from '../shared/units.js';
 import { describeDisks, scanBlockDevices } from './disks.js';
 import { KEY_BACKUP_WARNING, enroll } from './enroll.js';
@@ -200,7 +200,7 @@ program.command('status')
         disks: state.disks().map((d) => ({ name: d.path, diskId: d.diskId, sizeBytes: d.sizeBytes, blockBytes: d.blockBytes, synced: d.hasBaseline })),
       };
       if (opts.json) return printJson(doc);
-      process.stdout.write(`host ${doc.host} → ${doc.receiver}\nstate ${doc.state}${doc.reason ? ` (${doc.reason})` : ''}, tracker ${doc.tracker}\n`);
+      process.stdout.write(`host ${doc.host} → ${doc.receiver}\nstate ${doc.state}${doc.reason ? ` (${printable(doc.reason)})` : ''}, tracker ${doc.tracker}\n`);
       process.stdout.write(doc.lastPoint ? `last point ${doc.lastPoint.id} at ${doc.lastPoint.time}, lag ${Math.round(doc.lagSeconds!)} s\n` : 'no point yet\n');
       for (const d of doc.disks) process.stdout.write(`  ${d.name}: ${formatBytes(d.sizeBytes)}, ${d.blockBytes / 1024} KiB blocks${d.synced ? '' : ', initial sync not finished'}\n`);
     } finally {

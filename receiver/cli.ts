@@ -2,7 +2,7 @@
 import { statfsSync } from 'node:fs';
 import { Command, Option } from 'commander';
 import { TidemarkError } from '../shared/errors.js';
-import { parseIntOption, printJson, runCli } from '../shared/cli-util.js';
+import { parseIntOption, printJson, printable, runCli } from '../shared/cli-util.js';
 import { createLogger } from '../shared/log.js';
 import { formatBytes, parseDurationMs } from '../shared/units.js';
 import { prune } from './prune.js';
@@ -78,7 +78,7 @@ program.command('token')
 function printTokens(tokens: TokenInfo[], json: boolean): void {
   if (json) return printJson({ tokens });
   for (const t of tokens) {
-    const use = t.kind === 'restore' ? 'reusable' : t.usedAt ? `used ${t.usedAt}${t.host ? ` by host ${t.host}` : ''}` : t.host ? `unused, re-enrolls host ${t.host}` : 'unused';
+    const use = t.kind === 'restore' ? 'reusable' : t.usedAt ? `used ${t.usedAt}${t.host ? ` by host ${printable(t.host)}` : ''}` : t.host ? `unused, re-enrolls host ${printable(t.host)}` : 'unused';
     const expiry = t.expiresAt === null ? '' : `  ${Date.parse(t.expiresAt) > Date.now() ? 'expires' : 'expired'} ${t.expiresAt}`;
     process.stdout.write(`${t.id}  ${t.kind.padEnd(7)}  created ${t.createdAt}  ${use}${expiry}\n`);
   }
@@ -135,7 +135,7 @@ program.command('prune')
       const report = prune(catalog, dir.packDir, { policy, nowMs, dryRun: !!opts.dryRun, log });
       if (opts.json) return printJson(report);
       for (const h of report.hosts) {
-        process.stdout.write(`host ${h.host}: keep ${h.kept.length} point(s), ${opts.dryRun ? 'would drop' : 'dropped'} ${h.dropped.length}${h.dropped.length ? ` (${h.dropped.map((d) => d.id).join(', ')})` : ''}\n`);
+        process.stdout.write(`host ${printable(h.host)}: keep ${h.kept.length} point(s), ${opts.dryRun ? 'would drop' : 'dropped'} ${h.dropped.length}${h.dropped.length ? ` (${h.dropped.map((d) => d.id).join(', ')})` : ''}\n`);
       }
       process.stdout.write(`${opts.dryRun ? 'would free' : 'freed'} ${report.chunksFreed} chunks (${formatBytes(report.bytesFreed)}); ` +
         `packs ${formatBytes(report.packBytesBefore)} → ${formatBytes(report.packBytesAfter)}, ${report.packsCompacted} compacted\n`);
@@ -196,9 +196,10 @@ program.command('status')
       for (const h of status.hosts) {
         const last = h.lastPoint ? `last point ${h.lastPoint.id} at ${h.lastPoint.time} (lag ${Math.round(h.lagSeconds!)}s)` : 'no point yet';
         const agent = h.reportedAt ? ` [${h.tracker ?? 'no tracker'}, backlog ${formatBytes(h.backlogBytes ?? 0)}, ${formatBytes(h.bytesPerSecond ?? 0)}/s, reported ${h.reportedAt}]` : '';
-        const revoked = h.credentialRevokedAt ? `, credential revoked ${h.credentialRevokedAt} (token --host ${h.name} to enroll it again)` : '';
-        process.stdout.write(`host ${h.name}: ${h.state}${h.reason ? ` (${h.reason})` : ''}${agent}, ${h.points} points, ${last}${revoked}\n`);
-        for (const d of h.disks) process.stdout.write(`  disk ${d.name}: ${formatBytes(d.sizeBytes)}, ${d.blockBytes / 1024} KiB blocks\n`);
+        const name = printable(h.name); // names and reason are what agents sent
+        const revoked = h.credentialRevokedAt ? `, credential revoked ${h.credentialRevokedAt} (token --host ${name} to enroll it again)` : '';
+        process.stdout.write(`host ${name}: ${h.state}${h.reason ? ` (${printable(h.reason)})` : ''}${agent}, ${h.points} points, ${last}${revoked}\n`);
+        for (const d of h.disks) process.stdout.write(`  disk ${printable(d.name)}: ${formatBytes(d.sizeBytes)}, ${d.blockBytes / 1024} KiB blocks\n`);
       }
     } finally {
       catalog.close();

@@ -13,7 +13,7 @@ import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { CHUNK_OVERHEAD_BYTES, checkEnvelopeShape } from '../shared/chunk-crypto.js';
 import { TidemarkError } from '../shared/errors.js';
-import { printJson } from '../shared/cli-util.js';
+import { printJson, printable } from '../shared/cli-util.js';
 import { Progress, ProgressReporter } from '../shared/progress.js';
 import { MAX_BLOCK_BYTES } from '../shared/protocol.js';
 import { formatBytes } from '../shared/units.js';
@@ -389,7 +389,7 @@ export function describeAffected(affected: AffectedPoint[]): string[] {
     group.points.push(a.pointId);
     groups.set(key, group);
   }
-  return [...groups.values()].map((g) => `host ${g.host} disk ${g.disk}: point${g.points.length > 1 ? 's' : ''} ${g.points.join(', ')}`);
+  return [...groups.values()].map((g) => `host ${printable(g.host)} disk ${printable(g.disk)}: point${g.points.length > 1 ? 's' : ''} ${g.points.join(', ')}`);
 }
 
 /** The CLI command: prints the report (human lines or one JSON document); E_INTEGRITY when anything is damaged. */

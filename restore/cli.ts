@@ -6,7 +6,7 @@ import { ReceiverConnection } from '../shared/connection.js';
 import { TidemarkError } from '../shared/errors.js';
 import { openKeyFile } from '../shared/keyfile.js';
 import { SESSION_PATH, type PointInfo, type Reply } from '../shared/protocol.js';
-import { passphraseFileOption, printJson, readPassphrase, readToken, runCli } from '../shared/cli-util.js';
+import { passphraseFileOption, printJson, printable, readPassphrase, readToken, runCli } from '../shared/cli-util.js';
 import { formatBytes, parseDurationMs } from '../shared/units.js';
 import { drillPoint, type DrillDiskResult } from './drill.js';
 import { exportPoint } from './export.js';
@@ -148,8 +148,9 @@ withConnectOptions(program.command('points').description('list recovery points, 
       const points = await listPoints(conn, opts.host ?? null);
       if (opts.json) return printJson({ points: points.map(pointJson) });
       for (const p of points) {
-        const disks = p.disks.map((d) => `${d.name} ${formatBytes(d.sizeBytes)} (+${formatBytes(d.changedBytes)})`).join(', ');
-        process.stdout.write(`${p.id}\t${new Date(p.timeMs).toISOString()}\t${p.host}\t${p.crashConsistent ? 'consistent' : 'NOT crash-consistent'}\t${disks}\n`);
+        // Host and disk names are what the receiver says (and its agents told it).
+        const disks = p.disks.map((d) => `${printable(d.name)} ${formatBytes(d.sizeBytes)} (+${formatBytes(d.changedBytes)})`).join(', ');
+        process.stdout.write(`${p.id}\t${new Date(p.timeMs).toISOString()}\t${printable(p.host)}\t${p.crashConsistent ? 'consistent' : 'NOT crash-consistent'}\t${disks}\n`);
       }
     } finally {
       conn.close();
@@ -190,7 +191,7 @@ withPointOptions(withConnectOptions(program.command('export').description('write
       const result = await exportPoint(conn, keys, await selectPoint(conn, opts), opts.to);
       if (opts.to === '-') return; // stdout was the tar
       if (opts.json) return printJson(result);
-      process.stdout.write(`exported point ${result.point} (${result.manifest.point.time}) of ${result.host} to ${opts.to}: ` +
+      process.stdout.write(`exported point ${result.point} (${result.manifest.point.time}) of ${printable(result.host)} to ${opts.to}: ` +
         `${result.manifest.disks.length} disk${result.manifest.disks.length === 1 ? '' : 's'}, ${formatBytes(result.bytesWritten)}, every chunk verified\n`);
     } finally {
       conn.close();
@@ -216,14 +217,14 @@ withPointOptions(withConnectOptions(program.command('drill').description('restor
     if (opts.json) printJson(result);
     else {
       for (const d of result.disks) {
-        process.stdout.write(`${d.passed ? 'PASS' : 'FAIL'} ${d.name} (${checkOutcome(d)})\n`);
+        process.stdout.write(`${d.passed ? 'PASS' : 'FAIL'} ${printable(d.name)} (${checkOutcome(d)})\n`);
         if (!d.passed && d.output.trim()) process.stdout.write(d.output.trimEnd().replace(/^/gm, '  | ') + '\n');
       }
       process.stdout.write(`drill of point ${result.point} (${result.time}): ${result.passed ? 'passed' : 'FAILED'}\n`);
     }
     if (!result.passed) {
       // Exit 1 with one line, as README's exit-code table says; a restore that fails exits with its own code.
-      const failed = result.disks.filter((d) => !d.passed).map((d) => `${d.name} (${checkOutcome(d)})`);
+      const failed = result.disks.filter((d) => !d.passed).map((d) => `${printable(d.name)} (${checkOutcome(d)})`);
       process.stderr.write(`${program.name()}: drill failed: check did not pass on ${failed.join(', ')}\n`);
       process.exitCode = 1;
     }

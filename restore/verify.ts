@@ -7,7 +7,7 @@
 import { openChunk, type VaultKeys } from '../shared/chunk-crypto.js';
 import type { ReceiverConnection } from '../shared/connection.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
-import { printJson } from '../shared/cli-util.js';
+import { printJson, printable } from '../shared/cli-util.js';
 import { Progress, ProgressReporter } from '../shared/progress.js';
 import type { PointInfo } from '../shared/protocol.js';
 import { formatBytes } from '../shared/units.js';
@@ -142,7 +142,7 @@ export async function runRestoreVerify(conn: ReceiverConnection, keys: VaultKeys
   if (opts.json) printJson(report);
   else {
     for (const d of report.damaged) {
-      process.stdout.write(`DAMAGED chunk ${d.chunkId}: ${d.message}\n`);
+      process.stdout.write(`DAMAGED chunk ${d.chunkId}: ${printable(d.message)}\n`); // may be the receiver's words
       for (const line of describeAffected(d.affectedPoints)) process.stdout.write(`  breaks restore of ${line}\n`);
     }
     process.stdout.write(`checked ${report.pointsChecked} points (${report.disksChecked} disks), ${report.chunksChecked} distinct chunks, ` +
@@ -164,7 +164,7 @@ function describeAffected(affected: AffectedPoint[]): string[] {
     group.points.push(a.pointId);
     groups.set(key, group);
   }
-  return [...groups.values()].map((g) => `host ${g.host} disk ${g.disk}: point${g.points.length > 1 ? 's' : ''} ${g.points.join(', ')}`);
+  return [...groups.values()].map((g) => `host ${printable(g.host)} disk ${printable(g.disk)}: point${g.points.length > 1 ? 's' : ''} ${g.points.join(', ')}`);
 }
 
 async function runWithConcurrency<T>(items: T[], limit: number, fn: (item: T) => Promise<void>): Promise<void> {

@@ -32,10 +32,25 @@ export async function runCli(program: Command, argv = process.argv): Promise<voi
       return;
     }
     const error = asTidemarkError(err);
-    process.stderr.write(`${program.name()}: ${error.message}\n`);
+    process.stderr.write(`${program.name()}: ${printable(error.message)}\n`); // one line, whatever a receiver's message holds
     if (error.code === 'E_INTERNAL' && process.env.TIDEMARK_DEBUG) process.stderr.write(`${(err as Error).stack}\n`);
     process.exitCode = error.exitCode;
   }
+}
+
+/**
+ * Control characters (C0, DEL, C1), line separators and bidirectional overrides, shown as
+ * `\xHH` or `\uHHHH`. Text another party chose — an agent's disk names and status reason, a
+ * receiver's error messages — is printed through this: it must not move the cursor, recolour
+ * or retitle the terminal, or add a line that passes for one of ours.
+ */
+const UNPRINTABLE = /[\u0000-\u001f\u007f-\u009f\u2028\u2029\u202a-\u202e\u2066-\u2069]/g;
+
+export function printable(text: string): string {
+  return text.replace(UNPRINTABLE, (c) => {
+    const code = c.charCodeAt(0);
+    return code <= 0xff ? `\\x${code.toString(16).padStart(2, '0')}` : `\\u${code.toString(16).padStart(4, '0')}`;
+  });
 }
 
 export function printJson(value: unknown): void {
