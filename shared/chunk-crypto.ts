@@ -129,11 +129,27 @@ export function openChunk(keys: VaultKeys, id: Buffer, envelope: Buffer, maxPlai
   } catch {
     throw new TidemarkError('E_INTEGRITY', `chunk ${id.toString('hex')} failed authentication (damaged, swapped or sealed with another key)`);
   }
-  const plaintext = header[5]! & FLAG_LZ4 ? uncompressSync(body) : body;
+  const plaintext = header[5]! & FLAG_LZ4 ? decompress(id, body, maxPlaintextBytes) : body;
   if (plaintext.length > maxPlaintextBytes || !chunkId(keys, plaintext).equals(id)) {
     throw new TidemarkError('E_INTEGRITY', `chunk ${id.toString('hex')} does not match its id`);
   }
   return plaintext;
+}
+
+/**
+ * An authentic body can still be hostile: any holder of the vault key can seal one (SPEC §10,
+ * dedup poisoning). lz4-napi allocates the size the body declares before decompressing (4 GiB
+ * took 11 s here), so that is checked first; a body that is not lz4 is damage, not a bug.
+ */
+function decompress(id: Buffer, body: Buffer, maxPlaintextBytes: number): Buffer {
+  if (body.length < 4 || body.readUInt32LE(0) > maxPlaintextBytes) {
+    throw new TidemarkError('E_INTEGRITY', `chunk ${id.toString('hex')} declares more plaintext than a block holds`);
+  }
+  try {
+    return uncompressSync(body);
+  } catch (err) {
+    throw new TidemarkError('E_INTEGRITY', `chunk ${id.toString('hex')} does not decompress (${(err as Error).message})`, { cause: err });
+  }
 }
 
 /** What the receiver can check without the key: magic, version, size bounds. */

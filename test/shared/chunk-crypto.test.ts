@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { createCipheriv, createDecipheriv, hkdfSync, randomBytes } from 'node:crypto';
 import { CHUNK_HEADER_BYTES, CHUNK_OVERHEAD_BYTES, VaultKeys, chunkId, openChunk, sealChunk } from '../../shared/chunk-crypto.js';
 import { TidemarkError } from '../../shared/errors.js';
+import { compressSync } from 'lz4-napi';
 
 const keys = VaultKeys.fromMaster(randomBytes(32));
 const other = VaultKeys.fromMaster(randomBytes(32));
@@ -41,6 +42,31 @@ describe('chunk envelope', () => {
       const specEnvelope = Buffer.concat([built, cipher.update(plaintext), cipher.final(), cipher.getAuthTag()]);
       assert.deepEqual(openChunk(keys, id, specEnvelope, BLOCK), plaintext);
     }
+  });
+
+  it('an authentic envelope whose lz4 body lies about its size or is not lz4 is E_INTEGRITY, before any large allocation', () => {
+    // What a holder of the vault key could upload under a block's id (dedup poisoning, SPEC §10).
+    const sealLz4 = (plaintext: Buffer, body: Buffer) => {
+      const header = Buffer.alloc(CHUNK_HEADER_BYTES);
+      header.write('TMCH', 0, 'latin1');
+      header[4] = 1;
+      header[5] = 1; // LZ4
+      randomBytes(28).copy(header, 8);
+      const id = chunkId(keys, plaintext);
+      const cipher = createCipheriv('aes-256-gcm', Buffer.from(hkdfSync('sha256', keys.encRoot, header.subarray(8, 24), 'tidemark chunk v1', 32)), header.subarray(24, 36));
+      cipher.setAAD(Buffer.concat([header, id]));
+      return { id, envelope: Buffer.concat([header, cipher.update(body), cipher.final(), cipher.getAuthTag()]) };
+    };
+    const plaintext = Buffer.alloc(BLOCK, 'abc');
+    const honest = sealLz4(plaintext, compressSync(plaintext));
+    assert.deepEqual(openChunk(keys, honest.id, honest.envelope, BLOCK), plaintext, 'the hand-made envelope is a valid one');
+    const lying = compressSync(plaintext);
+    lying.writeUInt32LE(0xffffffff, 0); // declares 4 GiB
+    const started = Date.now();
+    assertIntegrityError(() => openChunk(keys, honest.id, sealLz4(plaintext, lying).envelope, BLOCK));
+    assert.ok(Date.now() - started < 1000, `refused in ${Date.now() - started} ms`);
+    const garbage = Buffer.concat([Buffer.from([0, 0, 1, 0]), Buffer.alloc(100, 0xf0)]);
+    assertIntegrityError(() => openChunk(keys, honest.id, sealLz4(plaintext, garbage).envelope, BLOCK));
   });
 
   it('compresses what compresses and stores the rest raw', () => {
