@@ -28,11 +28,19 @@ export interface PruneSchedule {
   intervalMs: number;
 }
 const MAX_CONNECTIONS = 256;
+/**
+ * Sessions one secret may hold open at once. An agent uses one (two while a dead link awaits its
+ * heartbeat), a restore one per command; without a cap, one credential or restore token could take
+ * all MAX_CONNECTIONS and lock every other host out (503).
+ */
+export const MAX_SESSIONS_PER_SECRET = 32;
 
 export class ReceiverServer {
   private readonly alive = new WeakSet<WebSocket>();
   /** What each session authenticated as, checked again at every heartbeat (beat). */
   private readonly principals = new WeakMap<WebSocket, Principal>();
+  /** Open sessions per secret (hex of its hash). */
+  private readonly sessionsPerSecret = new Map<string, number>();
   private heartbeat: NodeJS.Timeout | null = null;
   private pruneTimer: NodeJS.Timeout | null = null;
   private pruning: ChildProcess | null = null;
@@ -182,8 +190,19 @@ export class ReceiverServer {
       this.log.warn({ path, remote: req.socket.remoteAddress }, 'authentication refused');
       return refuse(socket, 401, message);
     }
+    const secret = secretKeyOf(principal);
+    if ((this.sessionsPerSecret.get(secret) ?? 0) >= MAX_SESSIONS_PER_SECRET) {
+      this.log.warn({ role: principal.role, host: principal.role === 'agent' ? principal.host : undefined, remote: req.socket.remoteAddress }, 'too many sessions for one credential');
+      return refuse(socket, 503, `this credential already has ${MAX_SESSIONS_PER_SECRET} open sessions; close some, or retry later`);
+    }
     this.wss.handleUpgrade(req, socket, head, (ws) => {
       this.gate.upgraded(req.socket);
+      this.sessionsPerSecret.set(secret, (this.sessionsPerSecret.get(secret) ?? 0) + 1);
+      ws.once('close', () => {
+        const left = this.sessionsPerSecret.get(secret)! - 1;
+        if (left > 0) this.sessionsPerSecret.set(secret, left);
+        else this.sessionsPerSecret.delete(secret);
+      });
       this.principals.set(ws, principal);
       this.alive.add(ws);
       ws.on('pong', () => this.alive.add(ws));
@@ -227,6 +246,10 @@ export class ReceiverServer {
       ws.ping();
     }
   }
+}
+
+function secretKeyOf(p: Principal): string {
+  return (p.role === 'enroll' ? p.tokenHash : p.secretHash).toString('hex');
 }
 
 const statusText: Record<number, string> = { 400: 'Bad Request', 401: 'Unauthorized', 404: 'Not Found', 426: 'Upgrade Required', 503: 'Service Unavailable' };
