@@ -51,7 +51,11 @@ export async function snapshotImages(images: string[]): Promise<ImageSnapshots |
     const cutMs = Date.now();
     for (const [i, image] of images.entries()) {
       try {
-        await copyFile(image, readPaths[i]!, constants.COPYFILE_FICLONE_FORCE);
+        // Created exclusively, after removing what is there: the agent runs as root, and a symlink
+        // someone who may write the image's directory put at this name would otherwise be written
+        // through (its target truncated and given the image's mode, before the clone even fails).
+        await rm(readPaths[i]!, { force: true });
+        await copyFile(image, readPaths[i]!, constants.COPYFILE_EXCL | constants.COPYFILE_FICLONE_FORCE);
       } catch (err) {
         await remove();
         const code = (err as NodeJS.ErrnoException).code ?? (err as Error).message;
