@@ -203,7 +203,6 @@ export class Session {
   }
 
   private hello(p: Exclude<Principal, { role: 'enroll' }>, vaultId: string, vaultProof: Buffer): object {
-    this.vaultId = null; // a refused hello leaves no vault behind, not the one an earlier hello entered
     if (p.role === 'agent' && p.vaultId !== vaultId) {
       throw new TidemarkError('E_FORBIDDEN', `host ${p.host} was enrolled with another key file (vault ${p.vaultId}); use that key file`);
     }

@@ -234,18 +234,6 @@ describe('isolation between hosts and vaults', () => {
     }
   });
 
-  it('a refused hello leaves the session without a vault, also after one that was accepted', async () => {
-    const r = await session(d.restoreToken);
-    try {
-      assert.equal((await r.request('hello', { vaultId: keysC.vaultId, vaultProof: keysC.vaultProof })).t, 'ok');
-      assertError(await r.request('hello', { vaultId: keysAB.vaultId, vaultProof: keysC.vaultProof }), 'E_FORBIDDEN', /does not belong to vault/);
-      assertError(await r.request('points.list', { host: null, afterId: null }), 'E_PROTOCOL', /before hello/);
-      assertError(await r.request('chunk.get', { id: randomBytes(32) }), 'E_PROTOCOL', /before hello/);
-    } finally {
-      r.close();
-    }
-  });
-
   it('enroll needs the vault proof too; a refused enrollment leaves the token unused', async () => {
     const token = await d.receiver.token();
     const e = await RawClient.open(d.receiver.url, d.receiver.fingerprint, token, true);
