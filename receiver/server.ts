@@ -33,7 +33,7 @@ const MAX_CONNECTIONS = 256;
  * heartbeat), a restore one per command; without a cap, one credential or restore token could take
  * all MAX_CONNECTIONS and lock every other host out (503).
  */
-export const MAX_SESSIONS_PER_SECRET = 32;
+export const MAX_SESSIONS_PER_SECRET = 64;
 
 export class ReceiverServer {
   private readonly alive = new WeakSet<WebSocket>();
