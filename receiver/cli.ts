@@ -163,7 +163,8 @@ program.command('forget')
     try {
       const report = catalog.forget(opts.host, opts.disk ?? null, { dryRun: opts.dryRun });
       if (opts.json) return printJson({ dryRun: !!opts.dryRun, ...report });
-      const what = report.hostRemoved ? `host ${report.host} and its disks ${report.disks.join(', ') || '(none)'}` : `disk ${report.disks[0]} of host ${report.host}`;
+      const disks = report.disks.map(printable); // names its agent chose
+      const what = report.hostRemoved ? `host ${printable(report.host)} and its disks ${disks.join(', ') || '(none)'}` : `disk ${disks[0]} of host ${printable(report.host)}`;
       process.stdout.write(opts.dryRun
         ? `would forget ${what}: ${report.pointsRemoved} point(s) and ${report.blockVersionsRemoved} block versions\n`
         : `forgot ${what}: ${report.pointsRemoved} point(s) and ${report.blockVersionsRemoved} block versions removed; ` +
