@@ -137,9 +137,15 @@ export class LocalPackStore implements ChunkStore {
     try {
       return this.read(vaultId, id);
     } catch (err) {
+      if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
       // Compaction may have moved the chunk between the lookup and the open: look it up again.
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return this.read(vaultId, id);
-      throw err;
+      try {
+        return this.read(vaultId, id);
+      } catch (again) {
+        if ((again as NodeJS.ErrnoException).code !== 'ENOENT') throw again;
+        // Stored data is gone, not this request's or the client's disk (E_DISK).
+        throw new TidemarkError('E_INTEGRITY', `chunk ${id.toString('hex')} is in a pack file missing from the receiver's data directory (${(again as Error).message}); run tidemark-receiver verify`, { cause: again });
+      }
     }
   }
 

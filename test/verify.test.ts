@@ -4,7 +4,7 @@
 // point fails closed while the other points still restore byte-identical.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { copyFileSync, existsSync, statSync, truncateSync } from 'node:fs';
+import { copyFileSync, existsSync, renameSync, statSync, truncateSync } from 'node:fs';
 import { join } from 'node:path';
 import Database from 'better-sqlite3';
 import { envelopeChecksum, ENTRY_HEADER_BYTES } from '../receiver/pack-store.js';
@@ -195,6 +195,19 @@ describe('verify', () => {
       assert.deepEqual(pack.affectedPoints, chunk.affectedPoints);
     } finally {
       copyFileSync(backup, last.path);
+    }
+  });
+
+  it('a pack file missing: restore of a point that reads it is an integrity failure that names it, not a local disk error', async () => {
+    const [chunk] = onlyIn(p2);
+    const aside = join(d.root, 'pack.aside');
+    renameSync(chunk!.path, aside);
+    try {
+      const result = await restorePoint(p2, join(d.root, 'missing-pack.img'));
+      assert.equal(result.code, 5, result.stderr);
+      assert.match(result.stderr, new RegExp(`is in a pack file missing from the receiver's data directory \\(.*${chunk!.file}.*\\); run tidemark-receiver verify`));
+    } finally {
+      renameSync(aside, chunk!.path);
     }
   });
 
