@@ -1,5 +1,5 @@
 // Durable file writes: temp file, write, fsync, rename, fsync the directory.
-import { closeSync, fsyncSync, openSync, renameSync, writeSync, writevSync, rmSync } from 'node:fs';
+import { closeSync, fsyncSync, openSync, renameSync, writevSync, rmSync } from 'node:fs';
 import { dirname } from 'node:path';
 
 export function fsyncDir(dir: string): void {
@@ -13,9 +13,12 @@ export function fsyncDir(dir: string): void {
 
 export function writeFileDurable(path: string, data: string | Buffer, mode = 0o644): void {
   const tmp = `${path}.tmp-${process.pid}`;
-  const fd = openSync(tmp, 'w', mode);
+  // Created afresh and exclusively: a file left or planted at this name would keep its own mode
+  // (a key file readable by others), and a symlink there would be written through, as root.
+  rmSync(tmp, { force: true });
+  const fd = openSync(tmp, 'wx', mode);
   try {
-    writeSync(fd, typeof data === 'string' ? Buffer.from(data) : data);
+    writeAllSync(fd, [typeof data === 'string' ? Buffer.from(data) : data], 0);
     fsyncSync(fd);
   } catch (err) {
     closeSync(fd);
