@@ -309,7 +309,9 @@ async function scanDisk(
   let reader: DiskReader | undefined;
   try {
     legacy = legacyPath === null ? undefined : HashFile.open(legacyPath);
-    reader = await DiskReader.open(readPath, batchBlocks * record.blockBytes);
+    // A clone (not the disk itself) sits in the image's directory, which others may write: a link
+    // swapped in for it after it was made must not be followed (to another file, or a FIFO).
+    reader = await DiskReader.open(readPath, batchBlocks * record.blockBytes, { noFollow: readPath !== record.path });
     let previous: Promise<void> = Promise.resolve();
     const nextTurn = shipTurns();
     for (let first = startBlock; first < target.blockCount && !window.failed; first += batchBlocks) {

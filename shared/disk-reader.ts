@@ -20,7 +20,9 @@ export class DiskReader {
     private readonly aligned: Buffer | null,
   ) {}
 
-  static async open(path: string, maxReadBytes: number): Promise<DiskReader> {
+  /** `noFollow`: a symbolic link at `path` is refused (ELOOP), not followed; for files of the agent's own making. */
+  static async open(path: string, maxReadBytes: number, { noFollow = false } = {}): Promise<DiskReader> {
+    if (noFollow) return new DiskReader(await open(path, constants.O_RDONLY | constants.O_NOFOLLOW), null);
     if (!(await stat(path)).isBlockDevice()) return new DiskReader(await open(path, 'r'), null);
     const handle = await open(path, constants.O_RDONLY | constants.O_DIRECT);
     try {

@@ -10,6 +10,7 @@ import assert from 'node:assert/strict';
 import { chmodSync, existsSync, lstatSync, mkdirSync, readFileSync, statSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { snapshotPath } from '../../agent/image-snapshot.js';
+import { DiskReader } from '../../shared/disk-reader.js';
 import { Deployment } from '../harness.js';
 import { writeMixedImage } from '../fixtures.js';
 
@@ -36,6 +37,18 @@ describe('a symlink at the snapshot name', () => {
     assert.equal(readFileSync(victim, 'utf8'), 'root:$6$secret:20000:0:99999:7:::\n', 'the symlink\'s target is untouched');
     assert.equal(statSync(victim).mode & 0o777, 0o600, 'and keeps its mode');
     assert.ok(!existsSync(snapshotPath(image)) && !lstatExists(snapshotPath(image)), 'nothing is left at the snapshot name');
+  });
+
+  it('swapped in for a clone after it was made is not read through', async () => {
+    // The sync reads a clone with noFollow (agent/sync.ts scanDisk); the swap itself is a race, so
+    // this checks the reader: a link to a file the agent must not ship is refused.
+    const victim = join(d.root, 'secret-file');
+    writeFileSync(victim, 'not for the receiver');
+    const clone = join(d.root, 'swapped.tidemark-snapshot');
+    symlinkSync(victim, clone);
+    await assert.rejects(DiskReader.open(clone, 65536, { noFollow: true }), { code: 'ELOOP' });
+    const followed = await DiskReader.open(clone, 65536);
+    await followed.close();
   });
 });
 
