@@ -5,7 +5,7 @@ import { dirname, join, resolve } from 'node:path';
 import { hostname } from 'node:os';
 import { VaultKeys } from '../shared/chunk-crypto.js';
 import { ReceiverConnection, normalizeFingerprint } from '../shared/connection.js';
-import { TidemarkError } from '../shared/errors.js';
+import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import { createKeyFile, openKeyFile } from '../shared/keyfile.js';
 import { ENROLL_PATH } from '../shared/protocol.js';
 import { AgentState } from './state.js';
@@ -51,7 +51,14 @@ async function enrollState(opts: EnrollOptions, keyFile: string, progress: { acc
     try {
       const { credential } = await conn.request('enroll', { host, vaultId: keys.vaultId, vaultProof: keys.vaultProof });
       progress.accepted = true;
-      state.saveEnrollment({ receiverUrl: opts.receiverUrl, fingerprint: normalizeFingerprint(opts.fingerprint), host, keyFile, vaultId: keys.vaultId }, credential);
+      try {
+        state.saveEnrollment({ receiverUrl: opts.receiverUrl, fingerprint: normalizeFingerprint(opts.fingerprint), host, keyFile, vaultId: keys.vaultId }, credential);
+      } catch (err) {
+        // The token is spent and the name taken: a plain retry would be refused.
+        const cause = asTidemarkError(err, { stateDir: opts.stateDir });
+        throw new TidemarkError(cause.code, `the receiver enrolled host ${host}, but its credential could not be saved in ${opts.stateDir} (${cause.message}); ` +
+          `fix that, then enroll again with a token from tidemark-receiver token --host ${host}`, { cause: err, retryable: false });
+      }
     } finally {
       conn.close();
     }

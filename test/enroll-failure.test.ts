@@ -3,7 +3,7 @@
 // not in a half-made state directory or with a key file of a vault nobody enrolled.
 import { after, before, describe, it } from 'node:test';
 import assert from 'node:assert/strict';
-import { existsSync, mkdirSync, readdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { Deployment, runCli, runJson } from './harness.js';
 
@@ -61,6 +61,18 @@ describe('a failed enroll', () => {
     assert.equal(again.code, 10, again.stderr);
     assert.match(oneLine(again.stderr), /already enrolled as host web/);
     assert.equal((await runJson('agent', ['status', '--state', d.stateDir('web')])).host, 'web');
+  });
+
+  it('accepted by the receiver but not saved here: says the host is enrolled and how to enroll it again', async () => {
+    const stateDir = join(d.root, 'unsaveable');
+    mkdirSync(join(stateDir, 'credential', 'in-the-way'), { recursive: true }); // the credential file cannot take this name
+    const r = await enroll(stateDir, 'unsaveable', await d.receiver.token(), d.keyFile);
+    assert.notEqual(r.code, 0);
+    assert.match(oneLine(r.stderr), /the receiver enrolled host unsaveable, but its credential could not be saved in .*unsaveable .*; fix that, then enroll again with a token from tidemark-receiver token --host unsaveable$/);
+    rmSync(join(stateDir, 'credential'), { recursive: true });
+    const { token } = await runJson('receiver', ['token', '--data', d.receiver.dataDir, '--host', 'unsaveable']);
+    const ok = await enroll(stateDir, 'unsaveable', token, d.keyFile);
+    assert.equal(ok.code, 0, `what the message says works: ${ok.stderr}`);
   });
 
   it('a re-enrollment refused for another key file leaves no new key file: the vault\'s own then works', async () => {
