@@ -2,7 +2,7 @@
 //
 //   DIR/receiver.json      format marker and creation time
 //   DIR/config.json        optional settings: {"retention": {...}, "pruneInterval": "1h"}
-//   DIR/serve.lock         pid of the running `serve` (one writer per data directory)
+//   DIR/serve.lock         pid and start time of the running `serve` (one writer per data directory)
 //   DIR/tls/key.pem        private key (0600), made at init
 //   DIR/tls/cert.pem       self-signed certificate; clients pin its SHA-256 fingerprint
 //   DIR/catalog.db         SQLite catalog (WAL)
@@ -122,24 +122,55 @@ function readConfig(path: string): ReceiverConfig {
 
 /**
  * One `serve` per data directory: two writers would append to the same packs.
- * A lock left by a dead process is taken over.
+ * The lock holds the holder's pid and, on Linux, its start time: a lock left by a
+ * dead process is taken over, also when its pid now belongs to another process
+ * (a serve killed or a host rebooted: pids are reused) or to a zombie.
  */
 export function acquireServeLock(root: string): () => void {
   const path = join(root, 'serve.lock');
+  const own = processStart(process.pid);
   for (let attempt = 0; attempt < 2; attempt++) {
     try {
-      writeFileSync(path, `${process.pid}\n`, { flag: 'wx' });
+      writeFileSync(path, own === null ? `${process.pid}\n` : `${process.pid} ${own}\n`, { flag: 'wx' });
       return () => rmSync(path, { force: true });
     } catch (err) {
       if ((err as NodeJS.ErrnoException).code !== 'EEXIST') throw err;
-      const pid = Number(readFileSync(path, 'utf8').trim());
-      if (pid > 0 && pid !== process.pid && isAlive(pid)) {
+      const [pidText, startText] = readFileSync(path, 'utf8').trim().split(/\s+/);
+      const pid = Number(pidText);
+      if (pid > 0 && pid !== process.pid && holds(pid, startText)) {
         throw new TidemarkError('E_CONFLICT', `another tidemark-receiver serve (pid ${pid}) is using ${root}; stop it first`);
       }
       rmSync(path, { force: true });
     }
   }
   throw new TidemarkError('E_CONFLICT', `cannot take ${path}; remove it if no receiver is running`);
+}
+
+/** Whether process `pid`, started at `start` (when the lock recorded it), still runs. */
+function holds(pid: number, start: string | undefined): boolean {
+  if (!isAlive(pid)) return false;
+  const stat = procStat(pid);
+  if (stat === null) return true; // no /proc: the pid alone decides
+  if (stat.state === 'Z' || stat.state === 'X') return false;
+  return start === undefined || start === stat.start;
+}
+
+function processStart(pid: number): string | null {
+  return procStat(pid)?.start ?? null;
+}
+
+/** State and start time (clock ticks after boot) of a process, from /proc/PID/stat; null without it. */
+function procStat(pid: number): { state: string; start: string } | null {
+  try {
+    const text = readFileSync(`/proc/${pid}/stat`, 'utf8');
+    // pid (comm) state ppid ... : comm may hold spaces and parentheses, so split after its last ')'.
+    const fields = text.slice(text.lastIndexOf(')') + 2).trim().split(' ');
+    const state = fields[0];
+    const start = fields[19]; // field 22 of the line, starttime
+    return state && start ? { state, start } : null;
+  } catch {
+    return null;
+  }
 }
 
 function isAlive(pid: number): boolean {
