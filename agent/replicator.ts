@@ -247,7 +247,10 @@ class TracefsReplicator {
     });
     for (const d of disks) d.unshipped.or(d.pending);
     const continuity =
-      instance.fresh ? 'tracking (re)started: the tracefs instance was not there (first start or reboot)'
+      // run removes its instance when it stops (SIGTERM/SIGINT) and forgets it; one recorded but gone went with a reboot.
+      instance.fresh ? (saved === null
+        ? 'tracking started: no tracefs instance was kept (the first run, or the agent was stopped: it removes its instance then)'
+        : 'tracking restarted: the tracefs instance was gone (a reboot, or it was removed by hand)')
       : saved?.inode !== instance.inode() ? 'the tracefs instance is not the one this agent made'
       : interrupted ? 'the agent stopped while reading events'
       : disks.some((d) => DirtyMap.load(dirtyPath(state, d.record.diskId), d.blockCount) === null) ? 'no saved dirty map'

@@ -880,6 +880,26 @@ describe('continuous replication with tracefs under an fsync load', { skip, conc
     }, t);
   });
 
+  it('an agent stopped with SIGTERM removes its tracefs instance; the next run says why it resyncs (not "first start or reboot")', { timeout: 120_000 }, async (t) => {
+    await inLab('sigterm-restart', async (lab) => {
+      const host = 'cont-sigterm';
+      const { device } = lab.attachBlank(16 * MiB);
+      const stateDir = await d.enroll(host);
+      const first = new AgentRun(lab, stateDir, [device], 1);
+      await first.waitForPoint(() => true, 60_000, 'initial point');
+      assert.deepEqual(await first.stop('SIGTERM'), { code: 0, signal: null }, `agent after SIGTERM; stderr:\n${first.stderrTail()}`);
+      assert.equal(existsSync(join(TRACING, 'instances', first.instance!)), false, 'the instance is removed when run stops');
+      const second = new AgentRun(lab, stateDir, [device], 2, first.points);
+      const startedMs = writeDevice(device, 0, randomBytes(64 * 1024));
+      await second.waitForPoint((p) => Date.parse(p.time) > startedMs, 60_000, 'a point after the restart');
+      const resync = second.stderrTail(40).split('\n').find((l) => l.includes('resync by hash comparison'));
+      assert.ok(resync, `the restart resyncs; stderr:\n${second.stderrTail()}`);
+      assert.doesNotMatch(resync, /first start or reboot/, resync);
+      assert.match(resync, /the agent was stopped/, resync);
+      assert.deepEqual(await second.stop('SIGTERM'), { code: 0, signal: null });
+    }, t);
+  });
+
   it('a disk that grows, shrinks or goes away while tracked: tracking starts again at the new size, points match the device, size 0 stops the agent', { timeout: 180_000 }, async (t) => {
     await inLab('resize', async (lab) => {
       const host = 'cont-resize';
