@@ -9,7 +9,7 @@ import type { ReceiverConnection } from '../shared/connection.js';
 import { TidemarkError, asTidemarkError } from '../shared/errors.js';
 import { printJson, printable } from '../shared/cli-util.js';
 import { Progress, ProgressReporter } from '../shared/progress.js';
-import type { PointInfo } from '../shared/protocol.js';
+import type { PointInfo, Reply } from '../shared/protocol.js';
 import { formatBytes } from '../shared/units.js';
 import { ChunkFetcher } from './chunk-fetcher.js';
 import { mapPage } from './point-blocks.js';
@@ -43,30 +43,45 @@ export interface RestoreVerifyReport {
   /** Distinct chunks fetched and opened. */
   chunksChecked: number;
   bytesFetched: number;
+  /** Points listed at the start that the receiver's prune removed before their check ended: not checked, not damage. */
+  pointsPruned: number;
   damaged: ChunkDamage[];
 }
 
 interface DamageEntry {
   chunkId: string;
   message: string;
+  /** The fetch said E_NOT_FOUND: prune may have freed it since a point that is now gone named it. */
+  notFound: boolean;
   refs: Map<string, AffectedPoint>;
 }
+
+/** Whether the receiver still lists `point` (prune, on the receiver's schedule, may have removed it meanwhile). */
+async function stillListed(conn: ReceiverConnection, point: PointInfo): Promise<boolean> {
+  const page = await conn.request('points.list', { host: point.host, afterId: point.id - 1 });
+  return page.points.some((p) => p.id === point.id);
+}
+
+class PointPruned extends Error {}
 
 /** Damaged chunks are marked with this length in the seen-map. */
 const DAMAGED = -1;
 
 export async function verifyPoints(conn: ReceiverConnection, keys: VaultKeys, points: PointInfo[]): Promise<RestoreVerifyReport> {
-  const report: RestoreVerifyReport = { ok: false, pointsChecked: 0, disksChecked: 0, chunksChecked: 0, bytesFetched: 0, damaged: [] };
+  const report: RestoreVerifyReport = { ok: false, pointsChecked: 0, disksChecked: 0, chunksChecked: 0, bytesFetched: 0, pointsPruned: 0, damaged: [] };
   // Chunk id (32 bytes as a latin1 string, compact) → plaintext length, or DAMAGED.
   const seen = new Map<string, number>();
   const damaged = new Map<string, DamageEntry>();
-  const markDamaged = (key: string, message: string) => {
-    if (!damaged.has(key)) damaged.set(key, { chunkId: Buffer.from(key, 'latin1').toString('hex'), message, refs: new Map() });
+  const checked = new Set<string>();
+  const pruned = new Set<string>();
+  const markDamaged = (key: string, message: string, notFound = false) => {
+    if (!damaged.has(key)) damaged.set(key, { chunkId: Buffer.from(key, 'latin1').toString('hex'), message, notFound, refs: new Map() });
   };
   const progress = new Progress('verify', points.reduce((sum, p) => sum + p.disks.reduce((s, d) => s + d.sizeBytes, 0), 0));
   const reporter = new ProgressReporter(false); // stderr on a TTY only: stdout carries the report
 
   for (const point of points) {
+   try {
     for (const disk of point.disks) {
       const blockCount = Math.ceil(disk.sizeBytes / disk.blockBytes);
       const ref: AffectedPoint = { host: point.host, pointId: point.id, disk: disk.name };
@@ -74,7 +89,10 @@ export async function verifyPoints(conn: ReceiverConnection, keys: VaultKeys, po
       const fetcher = new ChunkFetcher(conn, disk.blockBytes, report);
       let from: number | null = 0;
       while (from !== null && from < blockCount) {
-        const page = await mapPage(conn, point, disk, from);
+        const page: Reply<'point.map'> = await mapPage(conn, point, disk, from).catch(async (err: unknown) => {
+          if (asTidemarkError(err).code === 'E_NOT_FOUND' && conn.isOpen && !(await stillListed(conn, point))) throw new PointPruned();
+          throw err;
+        });
         // Blocks past the end belong to a time the disk was larger: restore ignores them, so does verify.
         const blocksByKey = new Map<string, number[]>();
         page.ids.forEach((id, i) => {
@@ -94,7 +112,7 @@ export async function verifyPoints(conn: ReceiverConnection, keys: VaultKeys, po
             const error = asTidemarkError(err);
             if (!DAMAGE_CODES.has(error.code) || !conn.isOpen) throw error;
             seen.set(key, DAMAGED);
-            markDamaged(key, error.message);
+            markDamaged(key, error.message, error.code === 'E_NOT_FOUND');
           } finally {
             report.chunksChecked++;
           }
@@ -119,10 +137,34 @@ export async function verifyPoints(conn: ReceiverConnection, keys: VaultKeys, po
       }
       report.disksChecked++;
     }
-    report.pointsChecked++;
+    checked.add(`${point.host}\0${point.id}`);
+   } catch (err) {
+    if (!(err instanceof PointPruned)) throw err;
+    pruned.add(`${point.host}\0${point.id}`);
+   }
   }
   reporter.report(progress, true);
   reporter.done();
+  // A chunk not found is damage only if a point that still exists reads it: prune frees the chunks
+  // of the points it drops, also ones this run listed before the drop.
+  const gone = new Map<string, boolean>();
+  for (const entry of damaged.values()) {
+    if (!entry.notFound) continue;
+    for (const [refKey, ref] of entry.refs) {
+      const pointKey = `${ref.host}\0${ref.pointId}`;
+      if (!gone.has(pointKey)) {
+        const point = points.find((p) => p.host === ref.host && p.id === ref.pointId)!;
+        gone.set(pointKey, !(await stillListed(conn, point)));
+      }
+      if (gone.get(pointKey)) {
+        entry.refs.delete(refKey);
+        pruned.add(pointKey);
+      }
+    }
+    if (entry.refs.size === 0) damaged.delete(Buffer.from(entry.chunkId, 'hex').toString('latin1'));
+  }
+  report.pointsPruned = pruned.size;
+  report.pointsChecked = [...checked].filter((k) => !pruned.has(k)).length;
   report.damaged = [...damaged.values()].map((d) => ({
     kind: 'chunk' as const,
     chunkId: d.chunkId,
@@ -145,6 +187,7 @@ export async function runRestoreVerify(conn: ReceiverConnection, keys: VaultKeys
       process.stdout.write(`DAMAGED chunk ${d.chunkId}: ${printable(d.message)}\n`); // may be the receiver's words
       for (const line of describeAffected(d.affectedPoints)) process.stdout.write(`  breaks restore of ${line}\n`);
     }
+    if (report.pointsPruned > 0) process.stdout.write(`${report.pointsPruned} point(s) listed at the start were pruned by the receiver meanwhile: not checked\n`);
     process.stdout.write(`checked ${report.pointsChecked} points (${report.disksChecked} disks), ${report.chunksChecked} distinct chunks, ` +
       `${formatBytes(report.bytesFetched)} fetched: ${report.ok ? 'every chunk authentic' : `${report.damaged.length} damaged`}\n`);
   }
