@@ -80,8 +80,7 @@ export async function verifyPoints(conn: ReceiverConnection, keys: VaultKeys, po
   const progress = new Progress('verify', points.reduce((sum, p) => sum + p.disks.reduce((s, d) => s + d.sizeBytes, 0), 0));
   const reporter = new ProgressReporter(false); // stderr on a TTY only: stdout carries the report
 
-  for (const point of points) {
-   try {
+  const checkPoint = async (point: PointInfo): Promise<void> => {
     for (const disk of point.disks) {
       const blockCount = Math.ceil(disk.sizeBytes / disk.blockBytes);
       const ref: AffectedPoint = { host: point.host, pointId: point.id, disk: disk.name };
@@ -137,11 +136,16 @@ export async function verifyPoints(conn: ReceiverConnection, keys: VaultKeys, po
       }
       report.disksChecked++;
     }
-    checked.add(`${point.host}\0${point.id}`);
-   } catch (err) {
-    if (!(err instanceof PointPruned)) throw err;
-    pruned.add(`${point.host}\0${point.id}`);
-   }
+  };
+
+  for (const point of points) {
+    try {
+      await checkPoint(point);
+      checked.add(`${point.host}\0${point.id}`);
+    } catch (err) {
+      if (!(err instanceof PointPruned)) throw err;
+      pruned.add(`${point.host}\0${point.id}`);
+    }
   }
   reporter.report(progress, true);
   reporter.done();
