@@ -282,12 +282,10 @@ class TracefsReplicator {
       }
       try {
         if (this.needScan) return await this.scan();
-        try {
-          await this.cycle();
-        } catch (err) {
+        await this.cycle().catch((err: unknown) => {
           this.requeueUncommitted();
           throw err;
-        }
+        });
       } catch (err) {
         // The next try starts a new session, which registers the disks again: a disk the
         // receiver forgot comes back with a new id, and tracking starts again for it.

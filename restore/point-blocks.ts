@@ -118,7 +118,7 @@ export async function* readPointBlocks(
   try {
     yield* readBlocks(conn, keys, point, disk, stats, options);
   } catch (err) {
-    throw await explainMissing(conn, point, disk, err);
+    throw await explainMissing(conn, point, err);
   }
 }
 
@@ -126,11 +126,16 @@ export async function* readPointBlocks(
  * A chunk or map page not found mid-read: when the point itself is gone (a prune or
  * `forget` on the receiver removed it meanwhile), say so rather than name a chunk.
  */
-async function explainMissing(conn: ReceiverConnection, point: PointInfo, disk: PointDisk, err: unknown): Promise<unknown> {
+async function explainMissing(conn: ReceiverConnection, point: PointInfo, err: unknown): Promise<unknown> {
   if (!(err instanceof TidemarkError) || err.code !== 'E_NOT_FOUND' || !conn.isOpen) return err;
-  const stillThere = await conn.request('point.map', { pointId: point.id, diskId: disk.diskId, fromBlock: 0, limit: 1 }).then(() => true, () => false);
-  if (stillThere) return err;
+  if (await stillListed(conn, point).catch(() => true)) return err;
   return new TidemarkError('E_NOT_FOUND', `point ${point.id} was removed on the receiver (retention or forget) while it was being read; list the points again and use one that is kept`, { cause: err });
+}
+
+/** Whether the receiver still lists `point` (prune, on the receiver's schedule, or `forget` may have removed it meanwhile). */
+export async function stillListed(conn: ReceiverConnection, point: PointInfo): Promise<boolean> {
+  const page = await conn.request('points.list', { host: point.host, afterId: point.id - 1 });
+  return page.points.some((p) => p.id === point.id);
 }
 
 async function* readBlocks(

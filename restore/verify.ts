@@ -12,7 +12,7 @@ import { Progress, ProgressReporter } from '../shared/progress.js';
 import type { PointInfo, Reply } from '../shared/protocol.js';
 import { formatBytes } from '../shared/units.js';
 import { ChunkFetcher } from './chunk-fetcher.js';
-import { mapPage } from './point-blocks.js';
+import { mapPage, stillListed } from './point-blocks.js';
 
 /** Chunks fetched and opened at once: enough to fill a few chunks.get batches. */
 const FETCH_CONCURRENCY = 64;
@@ -54,12 +54,6 @@ interface DamageEntry {
   /** The fetch said E_NOT_FOUND: prune may have freed it since a point that is now gone named it. */
   notFound: boolean;
   refs: Map<string, AffectedPoint>;
-}
-
-/** Whether the receiver still lists `point` (prune, on the receiver's schedule, may have removed it meanwhile). */
-async function stillListed(conn: ReceiverConnection, point: PointInfo): Promise<boolean> {
-  const page = await conn.request('points.list', { host: point.host, afterId: point.id - 1 });
-  return page.points.some((p) => p.id === point.id);
 }
 
 class PointPruned extends Error {}
